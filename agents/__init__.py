@@ -1,0 +1,56 @@
+"""Faust agents: thin I/O shells around the pure decisions in ``agents.policy``.
+
+``register_agents`` wires them into an app by role:
+
+* ``serve``: prepare (parse, embed, retrieve, select) and serve (route, generate, emit);
+* ``background``: admit (log -> example bank), learn (feedback joins, model updates), replay and
+  maintenance (eviction, cache statistics);
+* ``all``: both (the default, and what ``echolm up`` runs).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import faust
+
+    from infra.resources import Resources
+    from streams.topology import Topics
+
+__all__ = ["AGENTS_BY_ROLE", "register_agents"]
+
+AGENTS_BY_ROLE = {
+    "serve": ("prepare", "serve"),
+    "background": ("admit", "learn", "replay", "maintenance"),
+    "all": ("prepare", "serve", "admit", "learn", "replay", "maintenance"),
+}
+
+
+def register_agents(
+    app: faust.App, topics: Topics, resources: Resources, *, only: tuple[str, ...] | None = None
+) -> None:
+    from .admit import register_admit
+    from .learn import register_learn
+    from .maintenance import register_maintenance
+    from .prepare import register_prepare
+    from .replay import register_replay
+    from .serve import register_serve
+    from .state import DecisionState
+
+    names = only if only is not None else AGENTS_BY_ROLE[resources.settings.worker.role]
+    registry = {
+        "prepare": register_prepare,
+        "serve": register_serve,
+        "admit": register_admit,
+        "learn": register_learn,
+        "replay": register_replay,
+        "maintenance": register_maintenance,
+    }
+    unknown = set(names) - set(registry)
+    if unknown:
+        raise ValueError(f"unknown agents {sorted(unknown)}; choose from {sorted(registry)}")
+    state = DecisionState.create(resources.settings)
+    resources.decision_state = state
+    for name in names:
+        registry[name](app, topics, resources, state)

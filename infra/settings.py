@@ -39,7 +39,9 @@ __all__ = [
     "Settings",
     "TGISettings",
     "WorkerSettings",
+    "child_env",
     "load_settings",
+    "masked",
 ]
 
 
@@ -260,3 +262,31 @@ class Settings(BaseSettings):
 def load_settings(**overrides: Any) -> Settings:
     """Load the settings once (call from ``main``); ``overrides`` are nested dicts or section objects."""
     return Settings(**overrides)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def child_env(settings: Settings) -> dict[str, str]:
+    """This process's environment plus ``settings`` as ``ECHOLM_<SECTION>`` JSON variables, so a
+    child process (``echolm up`` starting workers) loads exactly the same settings."""
+    import json
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ECHOLM_")}
+    for section, value in settings.model_dump().items():
+        env[f"ECHOLM_{section.upper()}"] = json.dumps(_plain(value))
+    return env
+
+
+def masked(settings: Settings) -> dict[str, Any]:
+    """The settings as JSON-able data with secrets masked (for ``echolm config`` and logs)."""
+    return settings.model_dump(mode="json")

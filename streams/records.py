@@ -112,6 +112,8 @@ class RouteInfo(faust.Record, namespace="echolm.RouteInfo.v1", serializer=ORJSON
     reason: str = ""
     ask_feedback: bool = False
     attempts: int = 1
+    bias: float = 0.0  # load-driven bias away from costly tiers
+    context: list[float] = []  # noqa: RUF012 - the bandit context the decision used (for feedback joins)
 
 
 class LogRecord(faust.Record, namespace="echolm.Log.v1", serializer=ORJSON_CODEC):
@@ -124,6 +126,9 @@ class LogRecord(faust.Record, namespace="echolm.Log.v1", serializer=ORJSON_CODEC
     reply: ReplyRecord
     generated_tokens: int = 0
     logged_at: float = 0.0
+    origin: str = "serve"  # serve | replay | import
+    quality: float = -1.0  # scorer's estimate of reply quality in [0, 1]; -1 = not scored
+    replay_rounds: int = 0
     version: int = SCHEMA_VERSION
 
 

@@ -1,0 +1,149 @@
+"""Background agent, ``admit``: the single writer that turns the log into the example bank.
+
+The bank in Milvus is a *view of the log topic*: every change to it (a large-tier answer admitted,
+a replayed answer that scored better, an imported pair, offload credit for examples that helped a
+small model) is derived here from ``LogRecord``s, so ``echolm rebuild-cache`` can rebuild it by
+replaying the same records through ``apply_log_records``.
+
+Merge rules per example id (``sha256(tenant, normalised request)``):
+    * origin ``serve``: insert when absent; an existing entry keeps its answer and statistics;
+    * origin ``replay``: replace the answer and quality, bump ``replay_rounds``, keep statistics;
+    * origin ``import``: overwrite (an operator's warm start is authoritative);
+    * small-tier replies that used examples credit each example one offload (eviction value) and
+      update its replay gain G(e) (EMA), then queue it for replay.
+
+Error policy: Milvus unavailable -> wait and retry the same batch (the log is durable and the offsets
+are not committed until the batch is applied); nothing is skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+
+import faust
+
+from agents.policy.admission import decide_admission, example_id, scrub_pii
+from agents.policy.replay import credit_offload, update_gain
+from infra.errors import DependencyUnavailable
+from infra.protocols import Example, VectorStore
+from infra.resources import Resources
+from infra.settings import Settings
+from streams.codecs import decode_vector
+from streams.records import LogRecord
+from streams.topology import Topics
+
+from .state import DecisionState
+
+__all__ = ["apply_log_records", "example_from_log", "register_admit"]
+
+log = logging.getLogger(__name__)
+
+
+def example_from_log(record: LogRecord, *, now: float) -> Example:
+    request = record.request
+    quality = record.quality if record.quality >= 0 else 0.5
+    return Example(
+        example_id=example_id(request.tenant, request.prompt),
+        tenant=request.tenant,
+        request=scrub_pii(request.prompt),
+        response=scrub_pii(record.reply.text),
+        embedding=decode_vector(record.embedding),
+        model_tier=record.reply.tier,
+        quality=quality,
+        replay_rounds=record.replay_rounds,
+        created_at=now,
+        updated_at=now,
+    )
+
+
+async def apply_log_records(
+    records: Sequence[LogRecord], store: VectorStore, settings: Settings, *, now: float,
+    state: DecisionState | None = None,
+) -> dict[str, int]:
+    """Apply a batch of log records to the store. Returns counts by what happened."""
+    counts = {"admitted": 0, "replaced": 0, "imported": 0, "credited": 0, "rejected": 0}
+    large = settings.tgi.large_tier
+    max_cost = max(b.cost for b in settings.tgi.backends)
+    tier_cost = {b.tier: b.cost for b in settings.tgi.backends}
+    candidates: dict[tuple[str, str], tuple[LogRecord, Example]] = {}
+    credits: dict[tuple[str, str], int] = {}
+    for record in records:
+        reply = record.reply
+        if record.origin == "serve" and reply.ok and reply.tier != large and record.examples:
+            for ref in record.examples:
+                key = (record.request.tenant, ref.example_id)
+                credits[key] = credits.get(key, 0) + 1
+        decision = decide_admission(
+            tier=reply.tier, large_tier=large, no_store=record.request.no_store, ok=reply.ok, text=reply.text,
+            prompt=record.request.prompt,
+        )
+        if not decision.admit or not record.embedding:
+            counts["rejected"] += 1
+            continue
+        ex = example_from_log(record, now=now)
+        candidates[(ex.tenant, ex.example_id)] = (record, ex)
+
+    keys = set(candidates) | set(credits)
+    by_tenant: dict[str, list[str]] = {}
+    for tenant, eid in keys:
+        by_tenant.setdefault(tenant, []).append(eid)
+    existing: dict[tuple[str, str], Example] = {}
+    for tenant, ids in by_tenant.items():
+        for ex in await store.get(tenant, ids):
+            existing[(tenant, ex.example_id)] = ex
+
+    writes: dict[tuple[str, str], Example] = {}
+    for key, (record, ex) in candidates.items():
+        old = existing.get(key)
+        if record.origin == "import" or old is None:
+            writes[key] = ex
+            counts["imported" if record.origin == "import" else "admitted"] += 1
+        elif record.origin == "replay":
+            writes[key] = replace(
+                old, response=ex.response, quality=ex.quality, replay_rounds=max(old.replay_rounds, ex.replay_rounds),
+                updated_at=now,
+            )
+            counts["replaced"] += 1
+    for key, n in credits.items():
+        base = writes.get(key) or existing.get(key)
+        if base is None:
+            continue  # evicted since it was selected
+        for _ in range(n):
+            base = credit_offload(base, success=True, now=now, decay_per_hour=settings.replay.value_decay_per_hour)
+        cost = tier_cost.get(large, max_cost)
+        base = replace(
+            base,
+            gain=update_gain(base.gain, quality=base.quality, cost=cost, max_cost=max_cost, ema=settings.replay.gain_ema),
+        )
+        writes[key] = base
+        counts["credited"] += 1
+        if state is not None:
+            state.replay_queue.push(key[0], key[1], base.gain)
+    if writes:
+        await store.upsert(list(writes.values()))
+    return counts
+
+
+def register_admit(app: faust.App, topics: Topics, res: Resources, state: DecisionState) -> None:
+    settings = res.settings
+
+    @app.agent(topics.log, name="echolm.admit")
+    async def admit(stream: faust.StreamT[LogRecord]) -> None:
+        await res.ready.wait()
+        async for batch in stream.take(64, within=0.2):
+            while True:
+                store = res.store
+                if store is not None:
+                    try:
+                        counts = await apply_log_records(batch, store, settings, now=time.time(), state=state)
+                        break
+                    except DependencyUnavailable:
+                        log.warning("vector store unavailable while admitting; retrying the batch", exc_info=True)
+                await asyncio.sleep(1.0)
+            for reason in ("admitted", "replaced", "imported"):
+                if counts[reason]:
+                    res.metrics.admitted.labels(reason).inc(counts[reason])

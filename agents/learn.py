@@ -1,0 +1,99 @@
+"""Background agents, ``learn``: join feedback to logged decisions and update the models.
+
+* ``echolm.learn-log`` remembers each served request's decision (tier, bandit context, the
+  examples used) in a bounded in-memory map; the log and feedback topics are both keyed by tenant
+  and have the same partition count, so faust assigns a tenant's log and feedback partitions to the
+  same worker (co-partitioning) and the join is local.
+* ``echolm.learn-feedback`` looks the decision up, updates the router's bandit with the reward,
+  adds (example features, reward) rows to the utility model's training set and tells the
+  threshold tuner. A timer retrains the utility model and checkpoints both models to disk.
+
+Feedback for a request this worker never saw (older than the map, or before a restart) is
+counted as ``unjoined`` and dropped; it carries no decision to learn from.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import faust
+import numpy as np
+
+from agents.policy.retrieval import candidate_features
+from infra.protocols import Example, SearchHit
+from infra.resources import Resources
+from streams.codecs import decode_vector
+from streams.records import FeedbackRecord, LogRecord
+from streams.topology import Topics
+
+from .state import DecisionState, RecentDecision
+
+__all__ = ["register_learn"]
+
+log = logging.getLogger(__name__)
+
+
+def decision_from_log(record: LogRecord, dim: int) -> RecentDecision | None:
+    if record.route is None or not record.reply.ok:
+        return None
+    query = decode_vector(record.embedding) if record.embedding else np.zeros(dim, dtype=np.float32)
+    now = record.logged_at or time.time()
+    features = tuple(
+        candidate_features(
+            query, record.request.prompt,
+            SearchHit(
+                example=Example(
+                    example_id=ref.example_id, tenant=record.request.tenant, request=ref.request,
+                    response=ref.response, embedding=np.zeros(dim, dtype=np.float32), model_tier=ref.model_tier,
+                ),
+                similarity=ref.similarity,
+            ),
+            target_tier=record.route.tier, now=now,
+        )
+        for ref in record.examples
+    )
+    return RecentDecision(
+        tier=record.route.tier,
+        context=np.asarray(record.route.context, dtype=np.float64),
+        example_ids=tuple(ref.example_id for ref in record.examples),
+        example_features=features,
+        utilities=tuple(ref.utility for ref in record.examples),
+    )
+
+
+def register_learn(app: faust.App, topics: Topics, res: Resources, state: DecisionState) -> None:
+    dim = res.settings.milvus.dimension
+    metrics = res.metrics
+
+    @app.agent(topics.log, name="echolm.learn-log")
+    async def learn_log(stream: faust.StreamT[LogRecord]) -> None:
+        async for record in stream:
+            if record.origin != "serve":
+                continue
+            decision = decision_from_log(record, dim)
+            if decision is not None:
+                state.remember(record.request.request_id, decision)
+
+    @app.agent(topics.feedback, name="echolm.learn-feedback")
+    async def learn_feedback(stream: faust.StreamT[FeedbackRecord]) -> None:
+        async for fb in stream:
+            decision = state.recent.get(fb.request_id)
+            if decision is None:
+                metrics.feedback.labels("unjoined").inc()
+                continue
+            reward = float(min(1.0, max(0.0, fb.score)))
+            state.bandit.update(decision.tier, decision.context, reward)
+            for features, utility in zip(decision.example_features, decision.utilities, strict=True):
+                state.add_training(features, reward)
+                state.tuner.observe(utility, reward >= 0.5)
+            state.updates_since_save += 1
+            metrics.feedback.labels("joined").inc()
+
+    @app.timer(5.0, name="echolm.learn-checkpoint")
+    async def checkpoint() -> None:
+        if state.updates_since_save == 0:
+            return
+        if state.retrain_utility():
+            log.info("utility model retrained on %d rows", len(state.training_y))
+        state.save()

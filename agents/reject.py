@@ -1,0 +1,96 @@
+"""The bad-input policy shared by every agent: error reply where an address is known, a dead
+letter with the record's coordinates always, a log line with topic/partition/offset, and go on.
+
+Both sends are awaited until the broker acknowledges them (``await (await topic.send(...))``),
+so the source offset is only committed after the rejection is durable.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import faust
+
+from infra.errors import ServiceError
+from infra.resources import Resources
+from streams.records import DeadLetterRecord, ErrorInfo, ReplyRecord, decode_object, reply_address
+from streams.topology import Topics
+
+__all__ = ["Coordinates", "Rejecter"]
+
+log = logging.getLogger(__name__)
+_PREVIEW = 512
+
+
+@dataclass(frozen=True, slots=True)
+class Coordinates:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | str | None = None
+
+    @classmethod
+    def of(cls, event: faust.EventT) -> Coordinates:
+        m = event.message
+        return cls(topic=m.topic, partition=m.partition, offset=m.offset, key=m.key)
+
+
+def _preview(raw: bytes | str | None) -> tuple[str, int]:
+    if raw is None:
+        return "", 0
+    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else bytes(raw)
+    return repr(data[:_PREVIEW])[2:-1], len(data)
+
+
+def _key_text(key: bytes | str | None) -> str:
+    if key is None:
+        return ""
+    return key.decode("utf-8", "replace")[:256] if isinstance(key, bytes) else str(key)[:256]
+
+
+class Rejecter:
+    def __init__(self, app: faust.App, topics: Topics, resources: Resources) -> None:
+        self.app, self.topics, self.res = app, topics, resources
+
+    async def error_reply(
+        self, *, request_id: str, tenant: str, reply_topic: str, error: ServiceError | str, code: str | None = None,
+        timings_ms: dict[str, float] | None = None,
+    ) -> None:
+        message = str(error)
+        code = code or (error.code if isinstance(error, ServiceError) else "internal")
+        reply = ReplyRecord(
+            request_id=request_id, tenant=tenant, ok=False, error=ErrorInfo(code=code, message=message),
+            timings_ms=timings_ms or {}, worker=self.res.worker_id,
+        )
+        topic = self.topics.reply_topic(self.app, reply_topic)
+        fut = await topic.send(key=request_id, value=reply)
+        await fut
+
+    async def reject(self, coords: Coordinates, raw: bytes | str | None, exc: ServiceError) -> None:
+        """Dead-letter one bad record (and reply with the error if the record says where)."""
+        settings = self.res.settings
+        address = None
+        try:
+            address = reply_address(decode_object(raw, settings.limits), settings.topic("replies"), settings.limits)
+        except ServiceError:
+            address = None
+        log.warning(
+            "rejected %s[%d]@%d: %s (%s)", coords.topic, coords.partition, coords.offset, exc.code, exc,
+        )
+        self.res.metrics.dead_letters.labels(exc.code).inc()
+        self.res.metrics.requests.labels(exc.code).inc()
+        preview, size = _preview(raw)
+        letter = DeadLetterRecord(
+            source_topic=coords.topic, partition=coords.partition, offset=coords.offset, reason=str(exc)[:2000],
+            error_code=exc.code, key=_key_text(coords.key), value_preview=preview, value_bytes=size,
+            request_id=address.request_id if address else "", tenant=address.tenant if address else "",
+            worker=self.res.worker_id, at=time.time(),
+        )
+        fut = await self.topics.deadletter.send(key=letter.request_id or _key_text(coords.key), value=letter)
+        if address is not None:
+            await self.error_reply(
+                request_id=address.request_id, tenant=address.tenant, reply_topic=address.reply_topic, error=exc,
+            )
+        await fut

@@ -1,0 +1,230 @@
+"""Stage 2 agent, ``serve``: route -> generate -> emit, ``worker.concurrency`` requests at a time.
+
+Routing happens here, at dispatch time, not in ``prepare``: the queue depths it reads are then at
+most one probe interval old, instead of older by the time a record spent on the prepared topic.
+
+Error policy:
+    * a retriable ``BackendError`` (429, 5xx, refused, timeout) -> the backend's circuit is told,
+      the backend is excluded and the request re-routed, up to ``tgi.retries`` more times and
+      never past the request's deadline;
+    * a non-retriable ``BackendError`` or nothing left to try -> an error reply (never silence);
+    * a router failure -> bypass: the least-loaded healthy backend (counted);
+    * anything else raises (the supervisor restarts the actor; the offset was not committed).
+
+Ordering (reply-then-commit), per request:
+    1. route, 2. generate (with retries), 3. send the reply and await delivery,
+    4. send the log record and await delivery, 5. return to ``async for`` (faust acks the event).
+Replies are keyed and deduplicated by request id (at-least-once processing, exactly one reply per
+request id as the client sees it: docs/reliability.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import faust
+import numpy as np
+
+from agents.policy.prompt import build_messages
+from agents.policy.routing import RouteDecision, choose_backend, context_features, fallback_backend
+from agents.policy.retrieval import Selected
+from infra.errors import BackendError, BackendTimeout, NoBackendAvailable
+from infra.protocols import Example, Generation, GenerationParams
+from infra.resources import Resources
+from streams.codecs import decode_vector
+from streams.records import ExampleRef, LogRecord, PreparedRecord, ReplyRecord, RouteInfo
+from streams.topology import Topics
+
+from .reject import Rejecter
+from .state import DecisionState
+
+__all__ = ["register_serve"]
+
+log = logging.getLogger(__name__)
+
+
+def _selected(refs: list[ExampleRef], dim: int) -> list[Selected]:
+    """Rebuild policy-level examples from wire refs (their embeddings are not needed downstream)."""
+    empty = np.zeros(dim, dtype=np.float32)
+    return [
+        Selected(
+            example=Example(
+                example_id=r.example_id, tenant="", request=r.request, response=r.response, embedding=empty,
+                model_tier=r.model_tier,
+            ),
+            similarity=r.similarity,
+            utility=r.utility,
+        )
+        for r in refs
+    ]
+
+
+class Server:
+    def __init__(self, app: faust.App, topics: Topics, res: Resources, state: DecisionState) -> None:
+        self.app, self.topics, self.res, self.state = app, topics, res, state
+        self.rejecter = Rejecter(app, topics, res)
+        self.large_tier = res.settings.tgi.large_tier
+
+    def route(self, context: np.ndarray, exclude: set[str], now_mono: float) -> RouteDecision:
+        s = self.res.settings
+        probe = self.res.probe
+        depths = probe.snapshot() if probe is not None else {}
+        open_circuits = self.state.breaker.open_backends(now_mono)
+        try:
+            return choose_backend(
+                estimates=self.state.bandit.expected(context),
+                backends=self.state.backends,
+                depths=depths,
+                now=now_mono,
+                stale_after_s=s.tgi.stale_after_s,
+                settings=s.routing,
+                exclude=frozenset(exclude),
+                open_circuits=frozenset(open_circuits),
+            )
+        except NoBackendAvailable:
+            raise
+        except Exception:  # noqa: BLE001 - router failure must not drop the request: bypass, counted
+            log.exception("router failed; bypassing to the least-loaded backend")
+            self.res.metrics.bypass.labels("router_failed").inc()
+            return fallback_backend(
+                backends=self.state.backends, depths=depths, exclude=frozenset(exclude | open_circuits)
+            )
+
+    async def handle(self, prepared: PreparedRecord) -> None:
+        s, metrics = self.res.settings, self.res.metrics
+        request = prepared.request
+        start_wall = time.time()
+        timings = dict(prepared.timings_ms)
+        sent_at = timings.pop("sent_at", None)
+        if sent_at is not None:
+            timings["kafka_hop"] = round(max(0.0, start_wall * 1000.0 - sent_at), 3)
+            metrics.observe_stage("kafka_hop", timings["kafka_hop"] / 1000.0)
+        if request.deadline_at and start_wall >= request.deadline_at:
+            metrics.requests.labels("deadline_exceeded").inc()
+            await self.rejecter.error_reply(
+                request_id=request.request_id, tenant=request.tenant, reply_topic=request.reply_topic,
+                error="the request's deadline passed before a backend could take it; retry with a longer "
+                "deadline_s or add capacity",
+                code="deadline_exceeded", timings_ms=timings,
+            )
+            return
+
+        # 1. route
+        t_route = time.perf_counter()
+        vector = decode_vector(prepared.embedding) if prepared.embedding else np.zeros(
+            s.milvus.dimension, dtype=np.float32
+        )
+        selected = _selected(list(prepared.examples), s.milvus.dimension)
+        context = context_features(vector, selected)
+        exclude: set[str] = set()
+        generation: Generation | None = None
+        decision: RouteDecision | None = None
+        last_error: Exception | None = None
+        attempts = 0
+        route_s = 0.0
+        gen_t0 = time.perf_counter()
+        for attempt in range(s.tgi.retries + 1):
+            t_r = time.perf_counter()
+            try:
+                decision = self.route(context, exclude, time.monotonic())
+            except NoBackendAvailable as exc:
+                last_error = exc
+                break
+            route_s += time.perf_counter() - (t_route if attempt == 0 else t_r)
+            metrics.route.labels(decision.backend, decision.reason[:32]).inc()
+            metrics.load_bias.set(decision.bias)
+            attempts += 1
+            # 2. generate
+            small = decision.tier != self.large_tier
+            messages = build_messages(s.tgi.system_prompt, selected if small else [], request.prompt)
+            generator = self.res.generators[decision.backend]
+            remaining = (request.deadline_at - time.time()) if request.deadline_at else s.tgi.request_timeout_s
+            timeout = min(s.tgi.request_timeout_s, remaining)
+            if timeout <= 0:
+                last_error = BackendTimeout("deadline reached before generation", backend=decision.backend)
+                break
+            gen_t0 = time.perf_counter()
+            metrics.inflight.inc()
+            try:
+                generation = await asyncio.wait_for(
+                    generator.generate(messages, GenerationParams(max_new_tokens=request.max_new_tokens)),
+                    timeout=timeout,
+                )
+            except (TimeoutError, BackendError) as exc:
+                err = exc if isinstance(exc, BackendError) else BackendTimeout(
+                    f"backend {decision.backend} did not answer within {timeout:.1f}s", backend=decision.backend
+                )
+                last_error = err
+                metrics.backend_errors.labels(decision.backend, err.code).inc()
+                self.state.breaker.record_failure(decision.backend, time.monotonic())
+                log.warning("backend %s failed (%s): %s", decision.backend, err.code, err)
+                if not err.retriable:
+                    break
+                exclude.add(decision.backend)
+                continue
+            finally:
+                metrics.inflight.dec()
+            self.state.breaker.record_success(decision.backend, time.monotonic())
+            break
+        generate_s = time.perf_counter() - gen_t0
+        timings["route"] = round(route_s * 1000.0, 3)
+        timings["generate"] = round(generate_s * 1000.0, 3)
+        metrics.observe_stage("route", route_s)
+
+        if generation is None or decision is None:
+            metrics.requests.labels("no_backend").inc()
+            reason = f"{type(last_error).__name__}: {last_error}" if last_error else "no backend configured"
+            await self.rejecter.error_reply(
+                request_id=request.request_id, tenant=request.tenant, reply_topic=request.reply_topic,
+                error=f"no backend could answer ({reason}); the request was tried on {attempts} backend(s)",
+                code=NoBackendAvailable.code, timings_ms=timings,
+            )
+            return
+        metrics.observe_stage("generate", generate_s)
+
+        # 3. reply
+        t_emit = time.perf_counter()
+        used = selected if decision.tier != self.large_tier else []
+        reply = ReplyRecord(
+            request_id=request.request_id, tenant=request.tenant, ok=True, text=generation.text,
+            backend=decision.backend, tier=decision.tier, n_examples=len(used), timings_ms=timings,
+            worker=self.res.worker_id,
+        )
+        reply_topic = self.topics.reply_topic(self.app, request.reply_topic)
+        reply_fut = await reply_topic.send(key=request.request_id, value=reply)
+        await reply_fut
+        # 4. log
+        route_info = RouteInfo(
+            backend=decision.backend, tier=decision.tier, scores=dict(decision.scores),
+            expected_quality=dict(decision.expected_quality), load_penalty=dict(decision.load_penalty),
+            queue_depths=dict(decision.queue_depths), reason=decision.reason, ask_feedback=decision.ask_feedback,
+            attempts=attempts, bias=decision.bias, context=[float(x) for x in context],
+        )
+        record = LogRecord(
+            request=request, embedding=prepared.embedding,
+            examples=list(prepared.examples) if used else [],
+            route=route_info, reply=reply, generated_tokens=generation.generated_tokens, logged_at=time.time(),
+        )
+        log_fut = await self.topics.log.send(key=request.tenant, value=record)
+        await log_fut
+        emit_s = time.perf_counter() - t_emit
+        metrics.observe_stage("emit", emit_s)
+        metrics.observe_stage("total", time.time() - request.created_at)
+        metrics.requests.labels("ok").inc()
+        metrics.count_served(decision.tier, self.large_tier, len(used))
+
+
+def register_serve(app: faust.App, topics: Topics, res: Resources, state: DecisionState) -> None:
+    server = Server(app, topics, res, state)
+
+    @app.agent(topics.prepared, name="echolm.serve", concurrency=res.settings.worker.concurrency)
+    async def serve(stream: faust.StreamT[PreparedRecord]) -> None:
+        await res.ready.wait()
+        async for prepared in stream:
+            res.inflight += 1
+            try:
+                await server.handle(prepared)
+            finally:
+                res.inflight -= 1

@@ -1,0 +1,166 @@
+"""The learned and per-worker decision state the agents share: the router's bandit, the utility
+model and its threshold, circuit breakers, the replay queue and recent decisions (for feedback).
+
+Pure policy objects live in ``agents.policy``; this module only holds them, persists them to the
+paths in settings (JSON, written atomically) and reloads them on start.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import os
+import tempfile
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+from agents.policy.retrieval import ThresholdTuner, UtilityModel
+from agents.policy.routing import BackendView, CircuitBreaker, LinUCBBandit
+from infra.settings import Settings
+
+__all__ = ["DecisionState", "RecentDecision", "ReplayQueue"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RecentDecision:
+    tier: str
+    context: np.ndarray
+    example_ids: tuple[str, ...]
+    example_features: tuple[np.ndarray, ...]
+    utilities: tuple[float, ...] = ()
+
+
+class ReplayQueue:
+    """A bounded max-heap of (gain, tenant, example_id) candidates for replay, deduplicated."""
+
+    def __init__(self, capacity: int = 10_000) -> None:
+        self.capacity = capacity
+        self._heap: list[tuple[float, str, str]] = []
+        self._best: dict[tuple[str, str], float] = {}
+
+    def push(self, tenant: str, example_id: str, gain: float) -> None:
+        key = (tenant, example_id)
+        if self._best.get(key, -1.0) >= gain:
+            return
+        self._best[key] = gain
+        heapq.heappush(self._heap, (-gain, tenant, example_id))
+        if len(self._heap) > 2 * self.capacity:
+            self._heap = heapq.nsmallest(self.capacity, self._heap)
+            heapq.heapify(self._heap)
+            self._best = {(t, e): -g for g, t, e in self._heap}
+
+    def pop(self, k: int) -> list[tuple[str, str, float]]:
+        out: list[tuple[str, str, float]] = []
+        while self._heap and len(out) < k:
+            g, tenant, example_id = heapq.heappop(self._heap)
+            if self._best.get((tenant, example_id)) == -g:
+                del self._best[(tenant, example_id)]
+                out.append((tenant, example_id, -g))
+        return out
+
+    def __len__(self) -> int:
+        return len(self._best)
+
+
+@dataclass
+class DecisionState:
+    settings: Settings
+    bandit: LinUCBBandit
+    utility: UtilityModel
+    tuner: ThresholdTuner
+    breaker: CircuitBreaker
+    backends: tuple[BackendView, ...]
+    replay_queue: ReplayQueue = field(default_factory=ReplayQueue)
+    recent: OrderedDict[str, RecentDecision] = field(default_factory=OrderedDict)
+    training_x: list[np.ndarray] = field(default_factory=list)
+    training_y: list[float] = field(default_factory=list)
+    token_budget: int = 1024
+    recent_capacity: int = 50_000
+    updates_since_save: int = 0
+
+    @classmethod
+    def create(cls, settings: Settings) -> DecisionState:
+        backends = tuple(
+            BackendView(name=b.name, tier=b.tier, cost=b.cost, max_concurrency=b.max_concurrency)
+            for b in settings.tgi.backends
+        )
+        priors: dict[str, float] = {}
+        for b in settings.tgi.backends:
+            priors.setdefault(b.tier, b.quality_prior)
+        bandit = LinUCBBandit.create(
+            tiers=sorted(priors), priors=priors, large_tier=settings.tgi.large_tier, settings=settings.routing
+        )
+        state = cls(
+            settings=settings,
+            bandit=bandit,
+            utility=UtilityModel.default(),
+            tuner=ThresholdTuner(initial=settings.selection.utility_threshold),
+            breaker=CircuitBreaker(
+                failures_to_open=settings.tgi.circuit_failures, reset_s=settings.tgi.circuit_reset_s
+            ),
+            backends=backends,
+        )
+        state.load()
+        return state
+
+    # -- feedback joins -------------------------------------------------------------------------
+    def remember(self, request_id: str, decision: RecentDecision) -> None:
+        self.recent[request_id] = decision
+        self.recent.move_to_end(request_id)
+        while len(self.recent) > self.recent_capacity:
+            self.recent.popitem(last=False)
+
+    def add_training(self, features: np.ndarray, label: float, cap: int = 20_000) -> None:
+        self.training_x.append(features)
+        self.training_y.append(label)
+        if len(self.training_x) > cap:
+            del self.training_x[: len(self.training_x) - cap]
+            del self.training_y[: len(self.training_y) - cap]
+
+    def retrain_utility(self, min_rows: int = 32) -> bool:
+        """Refit the utility model on the feedback collected so far; False if too little data."""
+        labels = set(self.training_y)
+        if len(self.training_y) < min_rows or len(labels) < 2:
+            return False
+        model = UtilityModel.default()
+        model.fit(np.vstack(self.training_x), np.asarray(self.training_y, dtype=np.float64))
+        self.utility = model
+        return True
+
+    # -- persistence ------------------------------------------------------------------------------
+    def _paths(self) -> tuple[Path | None, Path | None]:
+        return self.settings.routing.state_path, self.settings.selection.utility_model_path
+
+    def load(self) -> None:
+        bandit_path, utility_path = self._paths()
+        if bandit_path and bandit_path.is_file():
+            self.bandit = LinUCBBandit.from_dict(orjson.loads(bandit_path.read_bytes()))
+            log.info("router state loaded from %s", bandit_path)
+        if utility_path and utility_path.is_file():
+            data = orjson.loads(utility_path.read_bytes())
+            self.utility = UtilityModel.from_dict(data["model"])
+            self.tuner = ThresholdTuner(initial=float(data.get("threshold", self.tuner.current())))
+            log.info("utility model loaded from %s", utility_path)
+
+    def save(self) -> None:
+        bandit_path, utility_path = self._paths()
+        if bandit_path:
+            _write_atomic(bandit_path, self.bandit.to_dict())
+        if utility_path:
+            _write_atomic(utility_path, {"model": self.utility.to_dict(), "threshold": self.tuner.current()})
+        self.updates_since_save = 0
+
+
+def _write_atomic(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        f.write(orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY))
+    Path(tmp).replace(path)
