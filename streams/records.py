@@ -243,7 +243,7 @@ def validate_request(
     if "\x00" in prompt:
         raise SchemaError("prompt contains NUL characters")
     max_new = _field(data, "max_new_tokens", int, required=False)
-    max_new = limits.default_new_tokens if max_new is None else max_new
+    max_new = min(limits.default_new_tokens, limits.max_new_tokens) if max_new is None else max_new
     if not 1 <= max_new <= limits.max_new_tokens:
         raise LimitExceeded(f"max_new_tokens={max_new} outside 1..{limits.max_new_tokens}")
     reply_topic = _field(data, "reply_topic", str, required=False) or default_reply_topic
