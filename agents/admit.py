@@ -61,7 +61,11 @@ def example_from_log(record: LogRecord, *, now: float) -> Example:
 
 
 async def apply_log_records(
-    records: Sequence[LogRecord], store: VectorStore, settings: Settings, *, now: float,
+    records: Sequence[LogRecord],
+    store: VectorStore,
+    settings: Settings,
+    *,
+    now: float,
     state: DecisionState | None = None,
 ) -> dict[str, int]:
     """Apply a batch of log records to the store. Returns counts by what happened."""
@@ -78,7 +82,11 @@ async def apply_log_records(
                 key = (record.request.tenant, ref.example_id)
                 credits[key] = credits.get(key, 0) + 1
         decision = decide_admission(
-            tier=reply.tier, large_tier=large, no_store=record.request.no_store, ok=reply.ok, text=reply.text,
+            tier=reply.tier,
+            large_tier=large,
+            no_store=record.request.no_store,
+            ok=reply.ok,
+            text=reply.text,
             prompt=record.request.prompt,
         )
         if not decision.admit or not record.embedding:
@@ -104,7 +112,10 @@ async def apply_log_records(
             counts["imported" if record.origin == "import" else "admitted"] += 1
         elif record.origin == "replay":
             writes[key] = replace(
-                old, response=ex.response, quality=ex.quality, replay_rounds=max(old.replay_rounds, ex.replay_rounds),
+                old,
+                response=ex.response,
+                quality=ex.quality,
+                replay_rounds=max(old.replay_rounds, ex.replay_rounds),
                 updated_at=now,
             )
             counts["replaced"] += 1
@@ -113,11 +124,15 @@ async def apply_log_records(
         if base is None:
             continue  # evicted since it was selected
         for _ in range(n):
-            base = credit_offload(base, success=True, now=now, decay_per_hour=settings.replay.value_decay_per_hour)
+            base = credit_offload(
+                base, success=True, now=now, decay_per_hour=settings.replay.value_decay_per_hour
+            )
         cost = tier_cost.get(large, max_cost)
         base = replace(
             base,
-            gain=update_gain(base.gain, quality=base.quality, cost=cost, max_cost=max_cost, ema=settings.replay.gain_ema),
+            gain=update_gain(
+                base.gain, quality=base.quality, cost=cost, max_cost=max_cost, ema=settings.replay.gain_ema
+            ),
         )
         writes[key] = base
         counts["credited"] += 1
@@ -142,7 +157,9 @@ def register_admit(app: faust.App, topics: Topics, res: Resources, state: Decisi
                         counts = await apply_log_records(batch, store, settings, now=time.time(), state=state)
                         break
                     except DependencyUnavailable:
-                        log.warning("vector store unavailable while admitting; retrying the batch", exc_info=True)
+                        log.warning(
+                            "vector store unavailable while admitting; retrying the batch", exc_info=True
+                        )
                 await asyncio.sleep(1.0)
             for reason in ("admitted", "replaced", "imported"):
                 if counts[reason]:

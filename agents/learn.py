@@ -41,15 +41,21 @@ def decision_from_log(record: LogRecord, dim: int) -> RecentDecision | None:
     now = record.logged_at or time.time()
     features = tuple(
         candidate_features(
-            query, record.request.prompt,
+            query,
+            record.request.prompt,
             SearchHit(
                 example=Example(
-                    example_id=ref.example_id, tenant=record.request.tenant, request=ref.request,
-                    response=ref.response, embedding=np.zeros(dim, dtype=np.float32), model_tier=ref.model_tier,
+                    example_id=ref.example_id,
+                    tenant=record.request.tenant,
+                    request=ref.request,
+                    response=ref.response,
+                    embedding=np.zeros(dim, dtype=np.float32),
+                    model_tier=ref.model_tier,
                 ),
                 similarity=ref.similarity,
             ),
-            target_tier=record.route.tier, now=now,
+            target_tier=record.route.tier,
+            now=now,
         )
         for ref in record.examples
     )

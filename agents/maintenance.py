@@ -40,7 +40,11 @@ async def evict_once(res: Resources, *, now: float) -> int:
     total_bytes = 0
     for tenant, examples in by_tenant.items():
         victims = plan_eviction(
-            examples, budget_bytes=s.budget_bytes, now=now, ttl_s=s.ttl_s, decay_per_hour=s.value_decay_per_hour
+            examples,
+            budget_bytes=s.budget_bytes,
+            now=now,
+            ttl_s=s.ttl_s,
+            decay_per_hour=s.value_decay_per_hour,
         )
         if victims:
             await store.delete(tenant, victims)

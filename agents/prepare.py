@@ -29,7 +29,7 @@ import faust
 import numpy as np
 
 from agents.policy.retrieval import select_examples
-from infra.errors import BadInput, DependencyUnavailable
+from infra.errors import BadInput, DependencyUnavailable, UnknownReplyTopic
 from infra.protocols import SearchHit
 from infra.resources import Resources
 from streams.codecs import encode_vector
@@ -62,10 +62,17 @@ class Preparer:
         for event in events:
             coords = Coordinates.of(event)
             try:
-                valid.append((
-                    parse_request(event.value, default_reply_topic=self.default_reply, limits=settings.limits),
-                    coords,
-                ))
+                request = parse_request(
+                    event.value, default_reply_topic=self.default_reply, limits=settings.limits
+                )
+                if request.reply_topic != self.default_reply and not await self.res.topic_directory.exists(
+                    request.reply_topic
+                ):
+                    raise UnknownReplyTopic(
+                        f"reply topic {request.reply_topic!r} does not exist; create it before sending "
+                        f"(EchoClient does this for private reply topics) or omit reply_topic"
+                    )
+                valid.append((request, coords))
             except BadInput as exc:
                 await self.rejecter.reject(coords, event.value, exc)
         if not valid:
@@ -83,7 +90,7 @@ class Preparer:
         else:
             try:
                 vectors = await embedder.embed([r.prompt for r in requests])
-            except Exception:  # noqa: BLE001 - any model failure degrades to no examples; logged
+            except Exception:
                 log.exception("embedding failed for a batch of %d; serving without examples", len(requests))
                 bypass = "embedder_failed"
         embed_s = time.perf_counter() - t1
@@ -116,7 +123,9 @@ class Preparer:
             examples: list[ExampleRef] = []
             if vectors is not None and hits[i]:
                 result = select_examples(
-                    vectors[i], request.prompt, hits[i],
+                    vectors[i],
+                    request.prompt,
+                    hits[i],
                     scorer=self.state.utility,
                     threshold=self.state.tuner.current(),
                     max_examples=settings.selection.max_examples,
@@ -129,8 +138,12 @@ class Preparer:
                 )
                 examples = [
                     ExampleRef(
-                        example_id=s.example.example_id, request=s.example.request, response=s.example.response,
-                        similarity=float(s.similarity), utility=float(s.utility), model_tier=s.example.model_tier,
+                        example_id=s.example.example_id,
+                        request=s.example.request,
+                        response=s.example.response,
+                        similarity=float(s.similarity),
+                        utility=float(s.utility),
+                        model_tier=s.example.model_tier,
                     )
                     for s in result.selected
                 ]
@@ -142,7 +155,12 @@ class Preparer:
             if bypass:
                 metrics.bypass.labels(bypass).inc()
             metrics.examples_selected.observe(len(examples))
-            for stage, seconds in (("parse", parse_s), ("embed", embed_s), ("retrieve", retrieve_s), ("select", select_s)):
+            for stage, seconds in (
+                ("parse", parse_s),
+                ("embed", embed_s),
+                ("retrieve", retrieve_s),
+                ("select", select_s),
+            ):
                 metrics.observe_stage(stage, seconds)
             prepared = PreparedRecord(
                 request=request,
@@ -150,8 +168,11 @@ class Preparer:
                 examples=examples,
                 selection_bypassed=bypass,
                 timings_ms={
-                    "parse": _ms(parse_s), "embed": _ms(embed_s), "retrieve": _ms(retrieve_s),
-                    "select": _ms(select_s), "sent_at": time.time() * 1000.0,
+                    "parse": _ms(parse_s),
+                    "embed": _ms(embed_s),
+                    "retrieve": _ms(retrieve_s),
+                    "select": _ms(select_s),
+                    "sent_at": time.time() * 1000.0,
                 },
                 source_partition=coords.partition,
                 source_offset=coords.offset,

@@ -55,14 +55,24 @@ class Rejecter:
         self.app, self.topics, self.res = app, topics, resources
 
     async def error_reply(
-        self, *, request_id: str, tenant: str, reply_topic: str, error: ServiceError | str, code: str | None = None,
+        self,
+        *,
+        request_id: str,
+        tenant: str,
+        reply_topic: str,
+        error: ServiceError | str,
+        code: str | None = None,
         timings_ms: dict[str, float] | None = None,
     ) -> None:
         message = str(error)
         code = code or (error.code if isinstance(error, ServiceError) else "internal")
         reply = ReplyRecord(
-            request_id=request_id, tenant=tenant, ok=False, error=ErrorInfo(code=code, message=message),
-            timings_ms=timings_ms or {}, worker=self.res.worker_id,
+            request_id=request_id,
+            tenant=tenant,
+            ok=False,
+            error=ErrorInfo(code=code, message=message),
+            timings_ms=timings_ms or {},
+            worker=self.res.worker_id,
         )
         topic = self.topics.reply_topic(self.app, reply_topic)
         fut = await topic.send(key=request_id, value=reply)
@@ -73,24 +83,42 @@ class Rejecter:
         settings = self.res.settings
         address = None
         try:
-            address = reply_address(decode_object(raw, settings.limits), settings.topic("replies"), settings.limits)
+            address = reply_address(
+                decode_object(raw, settings.limits), settings.topic("replies"), settings.limits
+            )
         except ServiceError:
             address = None
         log.warning(
-            "rejected %s[%d]@%d: %s (%s)", coords.topic, coords.partition, coords.offset, exc.code, exc,
+            "rejected %s[%d]@%d: %s (%s)",
+            coords.topic,
+            coords.partition,
+            coords.offset,
+            exc.code,
+            exc,
         )
         self.res.metrics.dead_letters.labels(exc.code).inc()
         self.res.metrics.requests.labels(exc.code).inc()
         preview, size = _preview(raw)
         letter = DeadLetterRecord(
-            source_topic=coords.topic, partition=coords.partition, offset=coords.offset, reason=str(exc)[:2000],
-            error_code=exc.code, key=_key_text(coords.key), value_preview=preview, value_bytes=size,
-            request_id=address.request_id if address else "", tenant=address.tenant if address else "",
-            worker=self.res.worker_id, at=time.time(),
+            source_topic=coords.topic,
+            partition=coords.partition,
+            offset=coords.offset,
+            reason=str(exc)[:2000],
+            error_code=exc.code,
+            key=_key_text(coords.key),
+            value_preview=preview,
+            value_bytes=size,
+            request_id=address.request_id if address else "",
+            tenant=address.tenant if address else "",
+            worker=self.res.worker_id,
+            at=time.time(),
         )
         fut = await self.topics.deadletter.send(key=letter.request_id or _key_text(coords.key), value=letter)
         if address is not None:
             await self.error_reply(
-                request_id=address.request_id, tenant=address.tenant, reply_topic=address.reply_topic, error=exc,
+                request_id=address.request_id,
+                tenant=address.tenant,
+                reply_topic=address.reply_topic,
+                error=exc,
             )
         await fut

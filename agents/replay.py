@@ -39,7 +39,9 @@ _MARGIN = 0.05
 
 
 class Replayer:
-    def __init__(self, topics: Topics, res: Resources, state: DecisionState, scorer: Scorer | None = None) -> None:
+    def __init__(
+        self, topics: Topics, res: Resources, state: DecisionState, scorer: Scorer | None = None
+    ) -> None:
         self.topics, self.res, self.state = topics, res, state
         self._scorer = scorer
         self.large = [b for b in state.backends if b.tier == res.settings.tgi.large_tier]
@@ -53,10 +55,19 @@ class Replayer:
         """One replay round; returns how many examples were replayed."""
         s = self.res.settings
         store, probe, scorer = self.res.store, self.res.probe, self.scorer()
-        if store is None or probe is None or scorer is None or not self.large or not len(self.state.replay_queue):
+        if (
+            store is None
+            or probe is None
+            or scorer is None
+            or not self.large
+            or not len(self.state.replay_queue)
+        ):
             return 0
         if not is_off_peak(
-            probe.snapshot(), [b.name for b in self.large], s.replay.off_peak_queue_depth, time.monotonic(),
+            probe.snapshot(),
+            [b.name for b in self.large],
+            s.replay.off_peak_queue_depth,
+            time.monotonic(),
             s.tgi.stale_after_s,
         ):
             return 0
@@ -84,28 +95,46 @@ class Replayer:
         messages = build_messages(s.tgi.system_prompt, [], example.request)
         candidates = []
         for i in range(s.replay.best_of):
-            params = GenerationParams(max_new_tokens=s.limits.default_new_tokens, temperature=0.7, seed=1000 + i)
+            params = GenerationParams(
+                max_new_tokens=s.limits.default_new_tokens, temperature=0.7, seed=1000 + i
+            )
             candidates.append((await generator.generate(messages, params)).text)
         scores = await scorer.score(example.request, candidates, incumbent=example.response)
-        incumbent_score = (await scorer.score(example.request, [example.response], incumbent=example.response))[0]
+        incumbent_score = (
+            await scorer.score(example.request, [example.response], incumbent=example.response)
+        )[0]
         best = pick_best(list(zip(candidates, scores, strict=True)), incumbent_score, _MARGIN)
         text = best if best is not None else example.response
         quality = max(scores) if best is not None else incumbent_score
         self.res.metrics.replayed.labels("improved" if best is not None else "kept").inc()
         now = time.time()
         request = RequestRecord(
-            request_id=f"replay:{example.example_id}:{example.replay_rounds + 1}", tenant=example.tenant,
-            prompt=example.request, max_new_tokens=s.limits.default_new_tokens, reply_topic=s.topic("replies"),
+            request_id=f"replay:{example.example_id}:{example.replay_rounds + 1}",
+            tenant=example.tenant,
+            prompt=example.request,
+            max_new_tokens=s.limits.default_new_tokens,
+            reply_topic=s.topic("replies"),
             created_at=now,
         )
         reply = ReplyRecord(
-            request_id=request.request_id, tenant=example.tenant, ok=True, text=text, backend=backend.name,
-            tier=backend.tier, worker=self.res.worker_id,
+            request_id=request.request_id,
+            tenant=example.tenant,
+            ok=True,
+            text=text,
+            backend=backend.name,
+            tier=backend.tier,
+            worker=self.res.worker_id,
         )
         record = LogRecord(
-            request=request, embedding=encode_vector(example.embedding), examples=[],
-            route=RouteInfo(backend=backend.name, tier=backend.tier, reason="replay"), reply=reply,
-            logged_at=now, origin="replay", quality=float(quality), replay_rounds=example.replay_rounds + 1,
+            request=request,
+            embedding=encode_vector(example.embedding),
+            examples=[],
+            route=RouteInfo(backend=backend.name, tier=backend.tier, reason="replay"),
+            reply=reply,
+            logged_at=now,
+            origin="replay",
+            quality=float(quality),
+            replay_rounds=example.replay_rounds + 1,
         )
         fut = await self.topics.log.send(key=example.tenant, value=record)
         await fut

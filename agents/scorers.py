@@ -16,7 +16,7 @@ from typing import Protocol
 import numpy as np
 
 from agents.policy.scoring import combine_both_orders, judge_messages, parse_judge_score
-from infra.protocols import Embedder, Generator, GenerationParams
+from infra.protocols import Embedder, GenerationParams, Generator
 
 __all__ = ["PairwiseJudgeScorer", "ReferenceFreeScorer", "Scorer"]
 
@@ -47,7 +47,9 @@ class ReferenceFreeScorer:
             return []
         vectors = await self.embedder.embed([question, *answers])
         sims = vectors[1:] @ vectors[0]
-        return [float(np.clip(s, 0.0, 1.0)) * _degeneracy_guard(a) for s, a in zip(sims, answers, strict=True)]
+        return [
+            float(np.clip(s, 0.0, 1.0)) * _degeneracy_guard(a) for s, a in zip(sims, answers, strict=True)
+        ]
 
 
 class PairwiseJudgeScorer:

@@ -28,8 +28,8 @@ import faust
 import numpy as np
 
 from agents.policy.prompt import build_messages
-from agents.policy.routing import RouteDecision, choose_backend, context_features, fallback_backend
 from agents.policy.retrieval import Selected
+from agents.policy.routing import RouteDecision, choose_backend, context_features, fallback_backend
 from infra.errors import BackendError, BackendTimeout, NoBackendAvailable
 from infra.protocols import Example, Generation, GenerationParams
 from infra.resources import Resources
@@ -51,7 +51,11 @@ def _selected(refs: list[ExampleRef], dim: int) -> list[Selected]:
     return [
         Selected(
             example=Example(
-                example_id=r.example_id, tenant="", request=r.request, response=r.response, embedding=empty,
+                example_id=r.example_id,
+                tenant="",
+                request=r.request,
+                response=r.response,
+                embedding=empty,
                 model_tier=r.model_tier,
             ),
             similarity=r.similarity,
@@ -85,7 +89,7 @@ class Server:
             )
         except NoBackendAvailable:
             raise
-        except Exception:  # noqa: BLE001 - router failure must not drop the request: bypass, counted
+        except Exception:
             log.exception("router failed; bypassing to the least-loaded backend")
             self.res.metrics.bypass.labels("router_failed").inc()
             return fallback_backend(
@@ -104,17 +108,22 @@ class Server:
         if request.deadline_at and start_wall >= request.deadline_at:
             metrics.requests.labels("deadline_exceeded").inc()
             await self.rejecter.error_reply(
-                request_id=request.request_id, tenant=request.tenant, reply_topic=request.reply_topic,
+                request_id=request.request_id,
+                tenant=request.tenant,
+                reply_topic=request.reply_topic,
                 error="the request's deadline passed before a backend could take it; retry with a longer "
                 "deadline_s or add capacity",
-                code="deadline_exceeded", timings_ms=timings,
+                code="deadline_exceeded",
+                timings_ms=timings,
             )
             return
 
         # 1. route
         t_route = time.perf_counter()
-        vector = decode_vector(prepared.embedding) if prepared.embedding else np.zeros(
-            s.milvus.dimension, dtype=np.float32
+        vector = (
+            decode_vector(prepared.embedding)
+            if prepared.embedding
+            else np.zeros(s.milvus.dimension, dtype=np.float32)
         )
         selected = _selected(list(prepared.examples), s.milvus.dimension)
         context = context_features(vector, selected)
@@ -140,7 +149,9 @@ class Server:
             small = decision.tier != self.large_tier
             messages = build_messages(s.tgi.system_prompt, selected if small else [], request.prompt)
             generator = self.res.generators[decision.backend]
-            remaining = (request.deadline_at - time.time()) if request.deadline_at else s.tgi.request_timeout_s
+            remaining = (
+                (request.deadline_at - time.time()) if request.deadline_at else s.tgi.request_timeout_s
+            )
             timeout = min(s.tgi.request_timeout_s, remaining)
             if timeout <= 0:
                 last_error = BackendTimeout("deadline reached before generation", backend=decision.backend)
@@ -153,8 +164,13 @@ class Server:
                     timeout=timeout,
                 )
             except (TimeoutError, BackendError) as exc:
-                err = exc if isinstance(exc, BackendError) else BackendTimeout(
-                    f"backend {decision.backend} did not answer within {timeout:.1f}s", backend=decision.backend
+                err = (
+                    exc
+                    if isinstance(exc, BackendError)
+                    else BackendTimeout(
+                        f"backend {decision.backend} did not answer within {timeout:.1f}s",
+                        backend=decision.backend,
+                    )
                 )
                 last_error = err
                 metrics.backend_errors.labels(decision.backend, err.code).inc()
@@ -177,9 +193,12 @@ class Server:
             metrics.requests.labels("no_backend").inc()
             reason = f"{type(last_error).__name__}: {last_error}" if last_error else "no backend configured"
             await self.rejecter.error_reply(
-                request_id=request.request_id, tenant=request.tenant, reply_topic=request.reply_topic,
+                request_id=request.request_id,
+                tenant=request.tenant,
+                reply_topic=request.reply_topic,
                 error=f"no backend could answer ({reason}); the request was tried on {attempts} backend(s)",
-                code=NoBackendAvailable.code, timings_ms=timings,
+                code=NoBackendAvailable.code,
+                timings_ms=timings,
             )
             return
         metrics.observe_stage("generate", generate_s)
@@ -188,8 +207,14 @@ class Server:
         t_emit = time.perf_counter()
         used = selected if decision.tier != self.large_tier else []
         reply = ReplyRecord(
-            request_id=request.request_id, tenant=request.tenant, ok=True, text=generation.text,
-            backend=decision.backend, tier=decision.tier, n_examples=len(used), timings_ms=timings,
+            request_id=request.request_id,
+            tenant=request.tenant,
+            ok=True,
+            text=generation.text,
+            backend=decision.backend,
+            tier=decision.tier,
+            n_examples=len(used),
+            timings_ms=timings,
             worker=self.res.worker_id,
         )
         reply_topic = self.topics.reply_topic(self.app, request.reply_topic)
@@ -197,15 +222,26 @@ class Server:
         await reply_fut
         # 4. log
         route_info = RouteInfo(
-            backend=decision.backend, tier=decision.tier, scores=dict(decision.scores),
-            expected_quality=dict(decision.expected_quality), load_penalty=dict(decision.load_penalty),
-            queue_depths=dict(decision.queue_depths), reason=decision.reason, ask_feedback=decision.ask_feedback,
-            attempts=attempts, bias=decision.bias, context=[float(x) for x in context],
+            backend=decision.backend,
+            tier=decision.tier,
+            scores=dict(decision.scores),
+            expected_quality=dict(decision.expected_quality),
+            load_penalty=dict(decision.load_penalty),
+            queue_depths=dict(decision.queue_depths),
+            reason=decision.reason,
+            ask_feedback=decision.ask_feedback,
+            attempts=attempts,
+            bias=decision.bias,
+            context=[float(x) for x in context],
         )
         record = LogRecord(
-            request=request, embedding=prepared.embedding,
+            request=request,
+            embedding=prepared.embedding,
             examples=list(prepared.examples) if used else [],
-            route=route_info, reply=reply, generated_tokens=generation.generated_tokens, logged_at=time.time(),
+            route=route_info,
+            reply=reply,
+            generated_tokens=generation.generated_tokens,
+            logged_at=time.time(),
         )
         log_fut = await self.topics.log.send(key=request.tenant, value=record)
         await log_fut

@@ -19,17 +19,16 @@ from pathlib import Path
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from infra.milvus import MilvusExampleStore
 from tqdm import tqdm
 
 from agents.admit import apply_log_records
 from infra.embedding import SentenceTransformerEmbedder
-from infra.milvus import MilvusExampleStore
+from infra.kafka import kafka_client_kwargs
 from infra.protocols import VectorStore
 from infra.settings import Settings
 from streams.codecs import encode_vector, register_codecs
 from streams.records import LogRecord, ReplyRecord, RequestRecord, RouteInfo
-
-from .client import _kafka_kwargs
 
 __all__ = ["export_bank", "import_bank", "read_log", "rebuild_cache"]
 
@@ -46,17 +45,28 @@ def _rows(path: Path) -> Iterator[tuple[int, dict[str, object]]]:
 async def import_bank(settings: Settings, path: Path, *, tenant: str, quiet: bool = False) -> int:
     register_codecs()
     if not path.is_file():
-        print(f"error: {path} does not exist; pass a JSONL file of {{request, response}} rows", file=sys.stderr)
+        print(
+            f"error: {path} does not exist; pass a JSONL file of {{request, response}} rows", file=sys.stderr
+        )
         return 2
     rows = list(_rows(path))
-    bad = [n for n, r in rows if not isinstance(r.get("request", r.get("prompt")), str)
-           or not isinstance(r.get("response"), str)]
+    bad = [
+        n
+        for n, r in rows
+        if not isinstance(r.get("request", r.get("prompt")), str) or not isinstance(r.get("response"), str)
+    ]
     if bad:
-        print(f"error: rows {bad[:10]} lack string 'request' (or 'prompt') and 'response' fields", file=sys.stderr)
+        print(
+            f"error: rows {bad[:10]} lack string 'request' (or 'prompt') and 'response' fields",
+            file=sys.stderr,
+        )
         return 2
     large = next(b for b in settings.tgi.backends if b.tier == settings.tgi.large_tier)
-    producer = AIOKafkaProducer(**_kafka_kwargs(settings), acks="all")
-    async with SentenceTransformerEmbedder(settings.embedding) as embedder, MilvusExampleStore(settings.milvus) as store:
+    producer = AIOKafkaProducer(**kafka_client_kwargs(settings), acks="all")
+    async with (
+        SentenceTransformerEmbedder(settings.embedding) as embedder,
+        MilvusExampleStore(settings.milvus) as store,
+    ):
         await store.ensure_collection()
         await producer.start()
         try:
@@ -71,19 +81,33 @@ async def import_bank(settings: Settings, path: Path, *, tenant: str, quiet: boo
                     rid = f"import:{uuid.uuid4().hex}"
                     quality = row.get("quality", 0.5)
                     request = RequestRecord(
-                        request_id=rid, tenant=tenant, prompt=text, max_new_tokens=1,
-                        reply_topic=settings.topic("replies"), created_at=now,
+                        request_id=rid,
+                        tenant=tenant,
+                        prompt=text,
+                        max_new_tokens=1,
+                        reply_topic=settings.topic("replies"),
+                        created_at=now,
                     )
                     reply = ReplyRecord(
-                        request_id=rid, tenant=tenant, ok=True, text=str(row["response"]), backend=large.name,
+                        request_id=rid,
+                        tenant=tenant,
+                        ok=True,
+                        text=str(row["response"]),
+                        backend=large.name,
                         tier=str(row.get("tier", large.tier)),
                     )
-                    records.append(LogRecord(
-                        request=request, embedding=encode_vector(vec), examples=[],
-                        route=RouteInfo(backend=large.name, tier=large.tier, reason="import"), reply=reply,
-                        logged_at=now, origin="import",
-                        quality=float(quality) if isinstance(quality, int | float) else 0.5,
-                    ))
+                    records.append(
+                        LogRecord(
+                            request=request,
+                            embedding=encode_vector(vec),
+                            examples=[],
+                            route=RouteInfo(backend=large.name, tier=large.tier, reason="import"),
+                            reply=reply,
+                            logged_at=now,
+                            origin="import",
+                            quality=float(quality) if isinstance(quality, int | float) else 0.5,
+                        )
+                    )
                 for record in records:
                     await producer.send(settings.topic("log"), record.dumps(), key=tenant.encode())
                 await producer.flush()
@@ -93,8 +117,10 @@ async def import_bank(settings: Settings, path: Path, *, tenant: str, quiet: boo
         finally:
             await producer.stop()
         total = await store.count(tenant)
-    print(f"imported {len(rows)} rows for tenant {tenant!r}; the bank now holds {total} examples for it",
-          file=sys.stderr)
+    print(
+        f"imported {len(rows)} rows for tenant {tenant!r}; the bank now holds {total} examples for it",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -104,12 +130,25 @@ async def export_bank(settings: Settings, out: str, *, tenant: str, quiet: bool 
         examples = await store.scan(tenant)
     sink = sys.stdout.buffer if out == "-" else Path(out).open("wb")  # noqa: SIM115 - closed below
     try:
-        for ex in tqdm(examples, desc=f"export {tenant}", unit="ex", disable=quiet or out == "-", file=sys.stderr):
-            sink.write(orjson.dumps({
-                "request": ex.request, "response": ex.response, "quality": ex.quality, "tier": ex.model_tier,
-                "example_id": ex.example_id, "offloads": ex.offloads, "gain": ex.gain,
-                "replay_rounds": ex.replay_rounds, "created_at": ex.created_at,
-            }) + b"\n")
+        for ex in tqdm(
+            examples, desc=f"export {tenant}", unit="ex", disable=quiet or out == "-", file=sys.stderr
+        ):
+            sink.write(
+                orjson.dumps(
+                    {
+                        "request": ex.request,
+                        "response": ex.response,
+                        "quality": ex.quality,
+                        "tier": ex.model_tier,
+                        "example_id": ex.example_id,
+                        "offloads": ex.offloads,
+                        "gain": ex.gain,
+                        "replay_rounds": ex.replay_rounds,
+                        "created_at": ex.created_at,
+                    }
+                )
+                + b"\n"
+            )
     finally:
         if sink is not sys.stdout.buffer:
             sink.close()
@@ -121,7 +160,7 @@ async def read_log(settings: Settings) -> list[LogRecord]:
     """Every record on the log topic now, in partition order (one tenant's history stays ordered)."""
     register_codecs()
     topic = settings.topic("log")
-    consumer = AIOKafkaConsumer(**_kafka_kwargs(settings), group_id=None, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(**kafka_client_kwargs(settings), group_id=None, enable_auto_commit=False)
     await consumer.start()
     try:
         partitions = consumer.partitions_for_topic(topic) or set()
@@ -148,8 +187,12 @@ async def read_log(settings: Settings) -> list[LogRecord]:
         await consumer.stop()
 
 
-async def apply_log(records: list[LogRecord], store: VectorStore, settings: Settings, *, quiet: bool = True) -> None:
-    for i in tqdm(range(0, len(records), _BATCH), desc="rebuild", unit="batch", disable=quiet, file=sys.stderr):
+async def apply_log(
+    records: list[LogRecord], store: VectorStore, settings: Settings, *, quiet: bool = True
+) -> None:
+    for i in tqdm(
+        range(0, len(records), _BATCH), desc="rebuild", unit="batch", disable=quiet, file=sys.stderr
+    ):
         chunk = records[i : i + _BATCH]
         await apply_log_records(chunk, store, settings, now=max(r.logged_at for r in chunk))
 

@@ -42,8 +42,13 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     from .up import run_up
 
-    return run_up(settings, demo=args.demo, exit_after_demo=args.exit_after_demo, workers=args.workers,
-                  milvus=args.milvus)
+    return run_up(
+        settings,
+        demo=args.demo,
+        exit_after_demo=args.exit_after_demo,
+        workers=args.workers,
+        milvus=args.milvus,
+    )
 
 
 async def _ask(settings: Settings, args: argparse.Namespace) -> int:
@@ -93,10 +98,14 @@ async def _send(settings: Settings, args: argparse.Namespace) -> int:
                 if not isinstance(prompt, str):
                     print(f"skipping a row without a string 'prompt': {str(row)[:80]}", file=sys.stderr)
                     continue
-                sent.add(await client.send(
-                    prompt, tenant=row.get("tenant", args.tenant), request_id=row.get("request_id"),
-                    max_new_tokens=row.get("max_new_tokens"),
-                ))
+                sent.add(
+                    await client.send(
+                        prompt,
+                        tenant=row.get("tenant", args.tenant),
+                        request_id=row.get("request_id"),
+                        max_new_tokens=row.get("max_new_tokens"),
+                    )
+                )
             bar = tqdm(total=len(sent), desc="replies", unit="req", disable=args.quiet, file=sys.stderr)
             got = 0
             async for reply in client.replies(timeout=args.timeout):
@@ -133,6 +142,7 @@ def cmd_feedback(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_topics(settings: Settings, args: argparse.Namespace) -> int:
     from infra.localstack import create_topics
+
     from streams.topology import topic_specs
 
     specs = topic_specs(settings)
@@ -179,10 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("up", help="start the local stack and workers (no Docker needed)")
-    p.add_argument("--demo", action="store_true", help="after start-up, ask sample questions and print replies")
+    p.add_argument(
+        "--demo", action="store_true", help="after start-up, ask sample questions and print replies"
+    )
     p.add_argument("--exit-after-demo", action="store_true", help="stop everything after the demo")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: stack.workers)")
-    p.add_argument("--milvus", choices=["server", "lite"], default=None, help="embedded server or Milvus Lite")
+    p.add_argument(
+        "--milvus", choices=["server", "lite"], default=None, help="embedded server or Milvus Lite"
+    )
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("worker", help="run one worker process against the configured cluster")
@@ -217,7 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bank", help="import or export the example bank (JSONL per tenant)")
     p.add_argument("action", choices=["import", "export"])
-    p.add_argument("file", nargs="?", default="-", help="import: JSONL of {request, response}; export: ignored")
+    p.add_argument(
+        "file", nargs="?", default="-", help="import: JSONL of {request, response}; export: ignored"
+    )
     p.add_argument("--tenant", required=True)
     p.add_argument("--out", default="-", help="export: output path (default stdout)")
     p.add_argument("-q", "--quiet", action="store_true")

@@ -29,8 +29,8 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from infra.errors import ClientTimeout
+from infra.kafka import kafka_client_kwargs
 from infra.settings import Settings
-from streams.app import kafka_credentials
 
 __all__ = ["EchoClient", "Reply"]
 
@@ -53,30 +53,18 @@ class Reply:
     def from_wire(cls, data: dict[str, Any], latency_s: float) -> Reply:
         error = data.get("error") or {}
         return cls(
-            request_id=str(data.get("request_id", "")), tenant=str(data.get("tenant", "")), ok=bool(data.get("ok")),
-            text=str(data.get("text", "")), error_code=str(error.get("code", "")),
-            error_message=str(error.get("message", "")), backend=str(data.get("backend", "")),
-            tier=str(data.get("tier", "")), n_examples=int(data.get("n_examples", 0)),
-            timings_ms=dict(data.get("timings_ms") or {}), latency_s=latency_s,
+            request_id=str(data.get("request_id", "")),
+            tenant=str(data.get("tenant", "")),
+            ok=bool(data.get("ok")),
+            text=str(data.get("text", "")),
+            error_code=str(error.get("code", "")),
+            error_message=str(error.get("message", "")),
+            backend=str(data.get("backend", "")),
+            tier=str(data.get("tier", "")),
+            n_examples=int(data.get("n_examples", 0)),
+            timings_ms=dict(data.get("timings_ms") or {}),
+            latency_s=latency_s,
         )
-
-
-def _kafka_kwargs(settings: Settings) -> dict[str, Any]:
-    k = settings.kafka
-    kw: dict[str, Any] = {"bootstrap_servers": k.bootstrap_servers}
-    creds = kafka_credentials(k)
-    if creds is None:
-        return kw
-    kw["security_protocol"] = k.security_protocol
-    if k.security_protocol == "SSL":
-        kw["ssl_context"] = creds
-    else:
-        kw.update(
-            sasl_mechanism=k.sasl_mechanism or "PLAIN", sasl_plain_username=k.sasl_username,
-            sasl_plain_password=k.sasl_password.get_secret_value() if k.sasl_password else None,
-            ssl_context=creds.ssl_context,
-        )
-    return kw
 
 
 class EchoClient:
@@ -103,17 +91,19 @@ class EchoClient:
         await self.aclose()
 
     async def start(self) -> None:
-        kw = _kafka_kwargs(self.settings)
+        kw = kafka_client_kwargs(self.settings)
         self._producer = AIOKafkaProducer(**kw, acks="all", linger_ms=0)
         await self._producer.start()
-        self._consumer = AIOKafkaConsumer(**kw, group_id=None, enable_auto_commit=False, auto_offset_reset="latest")
+        self._consumer = AIOKafkaConsumer(
+            **kw, group_id=None, enable_auto_commit=False, auto_offset_reset="latest"
+        )
         await self._consumer.start()
         partitions = None
         for _ in range(100):
             partitions = self._consumer.partitions_for_topic(self.reply_topic)
             if partitions:
                 break
-            await self._consumer._client.force_metadata_update()  # noqa: SLF001 - no public refresh in aiokafka
+            await self._consumer._client.force_metadata_update()
             await asyncio.sleep(0.1)
         if not partitions:
             raise RuntimeError(
@@ -149,8 +139,15 @@ class EchoClient:
                 self._stream.put_nowait(reply)
 
     async def send(
-        self, prompt: str, *, tenant: str = "default", request_id: str | None = None, max_new_tokens: int | None = None,
-        no_store: bool = False, deadline_s: float | None = None, raw: bytes | None = None,
+        self,
+        prompt: str,
+        *,
+        tenant: str = "default",
+        request_id: str | None = None,
+        max_new_tokens: int | None = None,
+        no_store: bool = False,
+        deadline_s: float | None = None,
+        raw: bytes | None = None,
     ) -> str:
         """Produce one request; returns its id. ``raw`` sends those bytes instead (for tests of bad input)."""
         if self._producer is None:
@@ -190,8 +187,13 @@ class EchoClient:
         """Rate a reply: ``score`` in [0, 1] (thumbs up = 1, down = 0)."""
         if self._producer is None:
             raise RuntimeError("EchoClient is not started")
-        value = {"request_id": request_id, "tenant": tenant, "score": float(score), "at": time.time(),
-                 "__faust": {"ns": "echolm.Feedback.v1"}}
+        value = {
+            "request_id": request_id,
+            "tenant": tenant,
+            "score": float(score),
+            "at": time.time(),
+            "__faust": {"ns": "echolm.Feedback.v1"},
+        }
         await self._producer.send_and_wait(self.feedback_topic, orjson.dumps(value), key=tenant.encode())
 
     async def replies(self, *, timeout: float | None = None) -> AsyncIterator[Reply]:

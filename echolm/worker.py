@@ -44,7 +44,11 @@ class DrainingWorker(faust.Worker):
         log.info(
             "shutdown on %s: %d in flight at signal, %d drained, %d abandoned after %.1fs grace "
             "(their offsets stay uncommitted and will be re-processed)",
-            sig.name, start_inflight, start_inflight - res.inflight, res.inflight, self.grace_s,
+            sig.name,
+            start_inflight,
+            start_inflight - res.inflight,
+            res.inflight,
+            self.grace_s,
         )
         await super()._stop_on_signal(sig)
 
@@ -55,7 +59,10 @@ def run_worker(settings: Settings, *, role: str | None = None) -> int:
     app, _topics, resources = build_app(settings)
     serve_metrics(resources.metrics, settings.worker.metrics_port)
     worker = DrainingWorker(
-        app, resources, settings.worker.shutdown_grace_s, loglevel=settings.worker.log_level.lower(),
+        app,
+        resources,
+        settings.worker.shutdown_grace_s,
+        loglevel=settings.worker.log_level.lower(),
         override_logging=False,
     )
     worker.execute_from_commandline()

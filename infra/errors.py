@@ -8,7 +8,8 @@
     │   ├── SchemaError               wrong/missing fields, wrong types, unknown version
     │   ├── LimitExceeded             prompt too long, max_new_tokens too high, record too large
     │   ├── UnknownTenant             tenant not in the configured list
-    │   └── ForbiddenReplyTopic       reply topic outside the allowed pattern
+    │   ├── ForbiddenReplyTopic       reply topic outside the allowed pattern
+    │   └── UnknownReplyTopic         reply topic allowed but absent on the broker
     ├── BackendError                  a TGI backend failed; ``retriable`` says whether to try another
     │   ├── BackendOverloaded         HTTP 429 (retriable)
     │   ├── BackendUnavailable        connection refused, 5xx, open circuit (retriable)
@@ -39,6 +40,7 @@ __all__ = [
     "NoBackendAvailable",
     "SchemaError",
     "ServiceError",
+    "UnknownReplyTopic",
     "UnknownTenant",
 ]
 
@@ -70,6 +72,10 @@ class UnknownTenant(BadInput):
 
 class ForbiddenReplyTopic(BadInput):
     code = "forbidden_reply_topic"
+
+
+class UnknownReplyTopic(BadInput):
+    code = "unknown_reply_topic"
 
 
 class BackendError(ServiceError):

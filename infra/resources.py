@@ -24,9 +24,11 @@ from typing import Any
 
 from mode import Service
 
+from .kafka import kafka_client_kwargs
 from .metrics import Metrics
 from .protocols import Embedder, Generator, QueueDepthProbe, VectorStore
 from .settings import Settings
+from .topics import TopicDirectory
 
 __all__ = ["AdapterFactories", "Resources", "default_factories"]
 
@@ -89,7 +91,11 @@ class Resources(Service):
     """Every adapter a worker uses, plus its identity and metrics."""
 
     def __init__(
-        self, settings: Settings, *, factories: AdapterFactories | None = None, metrics: Metrics | None = None,
+        self,
+        settings: Settings,
+        *,
+        factories: AdapterFactories | None = None,
+        metrics: Metrics | None = None,
         **kwargs: Any,
     ) -> None:
         self.settings = settings
@@ -100,6 +106,7 @@ class Resources(Service):
         self._stack = AsyncExitStack()
         self.ready = asyncio.Event()
         self.decision_state: Any = None  # agents.state.DecisionState, set by register_agents
+        self.topic_directory = TopicDirectory(kafka_client_kwargs(settings))
         self.inflight = 0  # requests taken from a topic and not yet answered (for graceful drain)
         self.replayer: Any = None  # agents.replay.Replayer, set when replay is registered
         self._retry_task: asyncio.Task[None] | None = None
@@ -130,6 +137,7 @@ class Resources(Service):
 
     async def _open_all(self) -> None:
         s, f = self.settings, self.factories
+        self._stack.push_async_callback(self.topic_directory.aclose)
         generators = await f.generators(s)
         for g in generators.values():
             self._stack.push_async_callback(g.aclose)
@@ -149,7 +157,9 @@ class Resources(Service):
         try:
             self._state.store = await self.factories.store(self.settings)
         except Exception:  # noqa: BLE001 - degrade, retry later; logged with traceback
-            log.exception("vector store %s unavailable: serving without examples, retrying", self.settings.milvus.uri)
+            log.exception(
+                "vector store %s unavailable: serving without examples, retrying", self.settings.milvus.uri
+            )
 
     async def _close_probe(self) -> None:
         probe = self._state.probe

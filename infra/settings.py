@@ -176,9 +176,10 @@ class LimitsSettings(_Section):
     max_new_tokens: int = Field(512, ge=1)
     default_new_tokens: int = Field(128, ge=1)
     max_record_bytes: int = Field(64 * 1024, ge=1024)
-    reply_topic_pattern: str = Field(
-        r"^echolm\.replies(\.[A-Za-z0-9_-]{1,64})?$",
-        description="Reply topics a request may name; anything else is rejected (no forged destinations).",
+    reply_topic_suffix_pattern: str = Field(
+        r"^[A-Za-z0-9_-]{1,64}$",
+        description="A request may name <prefix>.replies.<suffix> with a suffix matching this; nothing else "
+        "(no forged destinations).",
     )
     tenants: list[str] | None = Field(None, description="Known tenants; None accepts any well-formed id.")
     tenant_pattern: str = r"^[A-Za-z0-9_-]{1,64}$"

@@ -11,43 +11,17 @@ Topology (see streams/topology.py and docs/architecture.md)::
 
 from __future__ import annotations
 
-import ssl
-from typing import Any
-
 import faust
 
+from infra.kafka import kafka_credentials
 from infra.metrics import Metrics
 from infra.resources import AdapterFactories, Resources
-from infra.settings import KafkaSettings, Settings
+from infra.settings import Settings
 
 from .codecs import ORJSON_CODEC, register_codecs
 from .topology import Topics, declare_topics
 
-__all__ = ["build_app", "kafka_credentials"]
-
-
-def kafka_credentials(kafka: KafkaSettings) -> Any:
-    """faust/aiokafka credentials from settings (None for PLAINTEXT)."""
-    if kafka.security_protocol == "PLAINTEXT":
-        return None
-    context = None
-    if kafka.security_protocol in ("SSL", "SASL_SSL"):
-        context = ssl.create_default_context(cafile=str(kafka.ssl_cafile) if kafka.ssl_cafile else None)
-        if kafka.ssl_certfile:
-            context.load_cert_chain(str(kafka.ssl_certfile), str(kafka.ssl_keyfile) if kafka.ssl_keyfile else None)
-    if kafka.security_protocol == "SSL":
-        return context
-    if kafka.sasl_username is None or kafka.sasl_password is None:
-        raise ValueError(
-            f"kafka.security_protocol={kafka.security_protocol} needs kafka.sasl_username and kafka.sasl_password "
-            "(ECHOLM_KAFKA__SASL_USERNAME / ECHOLM_KAFKA__SASL_PASSWORD)"
-        )
-    return faust.SASLCredentials(
-        username=kafka.sasl_username,
-        password=kafka.sasl_password.get_secret_value(),
-        mechanism=kafka.sasl_mechanism or "PLAIN",
-        ssl_context=context,
-    )
+__all__ = ["build_app"]
 
 
 def build_app(

@@ -37,13 +37,25 @@ __all__ = [
     "RequestRecord",
     "RouteInfo",
     "parse_request",
+    "reply_address",
+    "reply_topic_allowed",
 ]
 
 SCHEMA_VERSION = 1
 _ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _REQUEST_FIELDS = frozenset(
-    {"version", "request_id", "tenant", "prompt", "max_new_tokens", "reply_topic", "no_store", "deadline_s",
-     "created_at", "metadata"}
+    {
+        "version",
+        "request_id",
+        "tenant",
+        "prompt",
+        "max_new_tokens",
+        "reply_topic",
+        "no_store",
+        "deadline_s",
+        "created_at",
+        "metadata",
+    }
 )
 
 
@@ -178,7 +190,9 @@ def _field(data: dict[str, Any], name: str, kind: type | tuple[type, ...], *, re
     if isinstance(value, bool) and kind is not bool and kind != (int, float):
         raise SchemaError(f"field {name!r} must be {getattr(kind, '__name__', kind)}, got bool")
     if not isinstance(value, kind):
-        raise SchemaError(f"field {name!r} must be {getattr(kind, '__name__', kind)}, got {type(value).__name__}")
+        raise SchemaError(
+            f"field {name!r} must be {getattr(kind, '__name__', kind)}, got {type(value).__name__}"
+        )
     return value
 
 
@@ -197,6 +211,16 @@ def decode_object(raw: bytes | str | None, limits: LimitsSettings) -> dict[str, 
     return data
 
 
+def reply_topic_allowed(topic: str, default_topic: str, limits: LimitsSettings) -> bool:
+    if topic == default_topic:
+        return True
+    prefix = default_topic + "."
+    return (
+        topic.startswith(prefix)
+        and re.match(limits.reply_topic_suffix_pattern, topic[len(prefix) :]) is not None
+    )
+
+
 def reply_address(data: dict[str, Any], default_topic: str, limits: LimitsSettings) -> ReplyAddress | None:
     """Best effort: the address an error reply can be sent to, or None when there is no safe one."""
     request_id = data.get("request_id")
@@ -205,7 +229,7 @@ def reply_address(data: dict[str, Any], default_topic: str, limits: LimitsSettin
     tenant = data.get("tenant")
     tenant = tenant if isinstance(tenant, str) and re.match(limits.tenant_pattern, tenant) else ""
     topic = data.get("reply_topic") or default_topic
-    if not isinstance(topic, str) or not re.match(limits.reply_topic_pattern, topic):
+    if not isinstance(topic, str) or not reply_topic_allowed(topic, default_topic, limits):
         topic = default_topic  # never send anything to a forged destination
     return ReplyAddress(request_id=request_id, tenant=tenant, reply_topic=topic)
 
@@ -239,7 +263,9 @@ def validate_request(
     if not prompt.strip():
         raise LimitExceeded("prompt is empty; send a non-empty prompt")
     if len(prompt) > limits.max_prompt_chars:
-        raise LimitExceeded(f"prompt is {len(prompt)} characters, over limits.max_prompt_chars={limits.max_prompt_chars}")
+        raise LimitExceeded(
+            f"prompt is {len(prompt)} characters, over limits.max_prompt_chars={limits.max_prompt_chars}"
+        )
     if "\x00" in prompt:
         raise SchemaError("prompt contains NUL characters")
     max_new = _field(data, "max_new_tokens", int, required=False)
@@ -247,9 +273,10 @@ def validate_request(
     if not 1 <= max_new <= limits.max_new_tokens:
         raise LimitExceeded(f"max_new_tokens={max_new} outside 1..{limits.max_new_tokens}")
     reply_topic = _field(data, "reply_topic", str, required=False) or default_reply_topic
-    if not re.match(limits.reply_topic_pattern, reply_topic):
+    if not reply_topic_allowed(reply_topic, default_reply_topic, limits):
         raise ForbiddenReplyTopic(
-            f"reply_topic {reply_topic[:80]!r} is not allowed; it must match {limits.reply_topic_pattern}"
+            f"reply_topic {reply_topic[:80]!r} is not allowed; use {default_reply_topic!r} or "
+            f"'{default_reply_topic}.<suffix>' with a suffix matching {limits.reply_topic_suffix_pattern}"
         )
     no_store = _field(data, "no_store", bool, required=False) or False
     created_at = _field(data, "created_at", (int, float), required=False)

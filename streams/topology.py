@@ -39,7 +39,7 @@ class Topics:
     deadletter: faust.TopicT
 
     def reply_topic(self, app: faust.App, name: str) -> faust.TopicT:
-        """The reply topic a request named (already validated against limits.reply_topic_pattern)."""
+        """The reply topic a request named (already validated by records.reply_topic_allowed)."""
         if name == self.replies.get_topic_name():
             return self.replies
         return app.topic(name, key_type=str, value_type=ReplyRecord, partitions=1, internal=False)
@@ -59,7 +59,9 @@ def declare_topics(app: faust.App, settings: Settings) -> Topics:
         return app.topic(full, partitions=specs[full], replicas=settings.kafka.replication_factor, **kw)
 
     return Topics(
-        requests=topic("requests", key_type=bytes, value_type=bytes, value_serializer="raw", key_serializer="raw"),
+        requests=topic(
+            "requests", key_type=bytes, value_type=bytes, value_serializer="raw", key_serializer="raw"
+        ),
         prepared=topic("prepared", key_type=str, value_type=PreparedRecord),
         replies=topic("replies", key_type=str, value_type=ReplyRecord),
         log=topic("log", key_type=str, value_type=LogRecord),
