@@ -1,0 +1,239 @@
+"""``DevServerProcess``: start the dev TGI server as a child process, wait for it, stop it.
+
+Used by integration tests and by the local-stack launcher::
+
+    with DevServerProcess(port=0, log_path=tmp / "tgi.log") as server:   # starts, waits for /health
+        httpx.get(f"{server.url}/info")
+
+    server = DevServerProcess(port=18081, engine="emulated", extra_args=["--decode-ms-per-token", "5"])
+    server.start(wait=False)
+    await server.wait_ready_async()
+    ...
+    await server.astop()
+
+``port=0`` lets the child bind a free port and report it through a port file (no race between
+picking a port and binding it). ``stop()`` sends SIGTERM, waits ``stop_timeout_s``, then SIGKILLs;
+it is idempotent and returns the exit code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Literal
+
+import httpx
+
+__all__ = ["DevServerError", "DevServerProcess"]
+
+_PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding infra/: importable from there
+_POLL_S = 0.05
+
+
+class DevServerError(RuntimeError):
+    """The dev server did not start, or died; the message carries the tail of its log."""
+
+
+class DevServerProcess:
+    def __init__(
+        self,
+        *,
+        port: int = 0,
+        host: str = "127.0.0.1",
+        engine: Literal["llama", "emulated"] = "llama",
+        gguf: Path | None = None,
+        model_id: str | None = None,
+        ctx: int = 2048,
+        threads: int = 1,
+        max_concurrent_requests: int = 128,
+        max_batch_size: int = 1,
+        extra_args: Sequence[str] = (),
+        log_path: Path | None = None,
+        ready_timeout_s: float = 60.0,
+        stop_timeout_s: float = 10.0,
+        python: str = sys.executable,
+    ) -> None:
+        self.host = host
+        self._requested_port = port
+        self._port: int | None = port or None
+        self.ready_timeout_s = ready_timeout_s
+        self.stop_timeout_s = stop_timeout_s
+        self._workdir = Path(tempfile.mkdtemp(prefix="tgi-dev-"))
+        self.log_path = log_path or self._workdir / "server.log"
+        self._port_file = self._workdir / "port"
+        args = [
+            python, "-m", "infra.tgi_dev",
+            "--host", host,
+            "--port", str(port),
+            "--port-file", str(self._port_file),
+            "--engine", engine,
+            "--ctx", str(ctx),
+            "--threads", str(threads),
+            "--max-concurrent-requests", str(max_concurrent_requests),
+            "--max-batch-size", str(max_batch_size),
+        ]  # fmt: skip
+        if gguf is not None:
+            args += ["--gguf", str(gguf)]
+        if model_id is not None:
+            args += ["--model-id", model_id]
+        self.command: list[str] = [*args, *extra_args]
+        self._process: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    # ---------------------------------------------------------------------------------- queries
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            self._port = self._read_port()
+        if self._port is None:
+            raise DevServerError(f"the dev server has not reported its port yet; see {self.log_path}")
+        return self._port
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    # -------------------------------------------------------------------------------- lifecycle
+    def start(self, *, wait: bool = True) -> DevServerProcess:
+        """Spawn the server (once); with ``wait`` block until ``/health`` answers 200."""
+        if self._process is None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log = self.log_path.open("ab")
+            self._process = subprocess.Popen(
+                self.command,
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=_PACKAGE_ROOT,
+            )
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout_s: float | None = None) -> None:
+        deadline = time.monotonic() + (timeout_s or self.ready_timeout_s)
+        with httpx.Client(timeout=1.0) as client:
+            while True:
+                if self._healthy_once(client):
+                    return
+                self._check_deadline(deadline)
+                time.sleep(_POLL_S)
+
+    async def wait_ready_async(self, timeout_s: float | None = None) -> None:
+        deadline = time.monotonic() + (timeout_s or self.ready_timeout_s)
+        async with httpx.AsyncClient(timeout=1.0) as client:
+            while True:
+                url = self._health_url()
+                if url is not None:
+                    try:
+                        if (await client.get(url)).status_code == 200:
+                            return
+                    except httpx.TransportError:
+                        pass  # not listening yet
+                self._check_deadline(deadline)
+                await asyncio.sleep(_POLL_S)
+
+    def stop(self) -> int | None:
+        """SIGTERM, then SIGKILL after ``stop_timeout_s``. Idempotent; returns the exit code."""
+        process = self._process
+        if process is None:
+            return None
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(self.stop_timeout_s)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return process.returncode
+
+    async def astop(self) -> int | None:
+        return await asyncio.to_thread(self.stop)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return "(no log yet)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    # ------------------------------------------------------------------------- context managers
+    def __enter__(self) -> DevServerProcess:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> DevServerProcess:
+        try:
+            self.start(wait=False)
+            await self.wait_ready_async()
+        except BaseException:
+            await self.astop()
+            raise
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.astop()
+
+    # --------------------------------------------------------------------------------- internals
+    def _read_port(self) -> int | None:
+        try:
+            return int(self._port_file.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def _health_url(self) -> str | None:
+        if self._port is None:
+            self._port = self._read_port()
+        return None if self._port is None else f"http://{self.host}:{self._port}/health"
+
+    def _healthy_once(self, client: httpx.Client) -> bool:
+        url = self._health_url()
+        if url is None:
+            return False
+        try:
+            return client.get(url).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def _check_deadline(self, deadline: float) -> None:
+        if self._process is None:
+            raise DevServerError("the dev server was never started: call start() first")
+        code = self._process.poll()
+        if code is not None:
+            raise DevServerError(
+                f"the dev server exited with code {code} before it was ready "
+                f"(command: {' '.join(self.command)}); "
+                f"last log lines from {self.log_path}:\n{self.log_tail()}"
+            )
+        if time.monotonic() > deadline:
+            raise DevServerError(
+                f"the dev server on {self.host}:{self._port or self._requested_port} was not healthy within "
+                f"{self.ready_timeout_s:.0f} s; last log lines from {self.log_path}:\n{self.log_tail()}"
+            )
