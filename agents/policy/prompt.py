@@ -49,10 +49,13 @@ CONTROL_TOKEN_PATTERNS: tuple[tuple[str, str], ...] = (
     # GPT-2/NeoX (<|endoftext|>), Zephyr/TinyLlama (<|system|>, <|user|>), Command-R
     # (<|START_OF_TURN_TOKEN|>), FIM tokens: every <|word|> shape.
     ("pipe-delimited", r"<\|[^|<>\n]{1,64}\|>"),
-    # DeepSeek: <｜begin▁of▁sentence｜>, <｜User｜> (full-width bars).
+    # DeepSeek: <\uff5cbegin\u2581of\u2581sentence\uff5c>, <\uff5cUser\uff5c> (full-width bars, U+FF5C).
     ("full-width-pipe", r"<\uff5c[^\uff5c<>\n]{1,64}\uff5c>"),
     # Llama-2 / Mistral.
-    ("llama2-mistral", r"\[/?INST\]|<</?SYS>>|\[/?SYSTEM_PROMPT\]|\[/?AVAILABLE_TOOLS\]|\[/?TOOL_(?:CALLS|RESULTS)\]"),
+    (
+        "llama2-mistral",
+        r"\[/?INST\]|<</?SYS>>|\[/?SYSTEM_PROMPT\]|\[/?AVAILABLE_TOOLS\]|\[/?TOOL_(?:CALLS|RESULTS)\]",
+    ),
     # Gemma.
     ("gemma", r"<start_of_turn>|<end_of_turn>"),
     # SentencePiece specials and their kin.
@@ -63,9 +66,9 @@ CONTROL_TOKEN_PATTERNS: tuple[tuple[str, str], ...] = (
 _CONTROL = re.compile("|".join(f"(?:{p})" for _, p in CONTROL_TOKEN_PATTERNS), re.IGNORECASE)
 
 # Role-spoofing line prefixes: a line that claims the authority of a system/developer turn
-# ("system:", "**System:**", "### System", "[SYSTEM]", "SYSTEM PROMPT:", a line that is only "system"). Only authority roles are
-# matched: "user:"/"assistant:" lines are common in legitimate content (YAML, code, transcripts) and
-# cannot open a real turn once control tokens are gone.
+# ("system:", "**System:**", "### System", "[SYSTEM]", "SYSTEM PROMPT:", a line that is only
+# "system"). Only authority roles are matched: "user:"/"assistant:" lines are common in legitimate
+# content (YAML, code, transcripts) and cannot open a real turn once control tokens are gone.
 _ROLE = r"(?:system|developer)(?:[ \t]+(?:prompt|message|instructions?))?"
 _ROLE_PREFIX = re.compile(
     rf"""^[ \t>*_\-]*(?:
@@ -113,7 +116,7 @@ def _truncate(text: str, max_chars: int) -> str:
 def sanitize_example_text(text: str, *, max_chars: int = MAX_EXAMPLE_CHARS) -> str:
     """An untrusted example text made inert: NFKC, control tokens and role prefixes stripped, capped.
 
-    NFKC first folds look-alike forms (full-width ``＜｜``, ligatures) into the ASCII a tokenizer
+    NFKC first folds look-alike forms (full-width ``\\uff1c\\uff5c``, ligatures) into the ASCII a tokenizer
     may map them to; the token and prefix passes then repeat until nothing changes.
     """
     text = unicodedata.normalize("NFKC", text).replace("\r\n", "\n").replace("\r", "\n")
@@ -126,7 +129,11 @@ def sanitize_example_text(text: str, *, max_chars: int = MAX_EXAMPLE_CHARS) -> s
 
 
 def build_messages(
-    system_prompt: str, examples: Sequence[Selected], prompt: str, *, max_example_chars: int = MAX_EXAMPLE_CHARS
+    system_prompt: str,
+    examples: Sequence[Selected],
+    prompt: str,
+    *,
+    max_example_chars: int = MAX_EXAMPLE_CHARS,
 ) -> list[ChatMessage]:
     """The chat for one request: our system turn, example pairs in the given order, the prompt last.
 
