@@ -1,0 +1,615 @@
+"""``MilvusExampleStore``: the example bank in Milvus, one code path for a server and Milvus Lite.
+
+``MilvusSettings.uri`` picks the back-end: ``http://host:19530`` is a Milvus server (the embedded one
+from the ``milvus`` wheel, or standalone in docker-compose); a path ending in ``.db`` is Milvus Lite
+(in-process, one process only: it locks the file). Every call below is the same for both; the only
+differences are decided once, in ``ensure_collection()`` (see ``_Capabilities``).
+
+Clients (measured with pymilvus 3.0.2, see docs/local-stack.md):
+
+* data plane (search, upsert, query, delete, count): ``AsyncMilvusClient`` with a dedicated channel,
+  against both back-ends. It is as fast as the sync client and needs no thread.
+* control plane (create/describe/load/drop a collection): the sync ``MilvusClient`` in a worker
+  thread. ``AsyncMilvusClient.create_index`` always polls ``AllocTimestamp``, which Milvus Lite
+  3.2.2 does not implement (``UNIMPLEMENTED``), so async collection creation fails on Lite.
+
+Tenancy: every search, get, delete, count and scan of one tenant carries the filter built by
+``tenant_filter()`` (the value escaped by ``quote()``), so no example ever crosses tenants. ``tenant``
+is also the partition key where the server handles it correctly: Milvus Lite and servers >= 2.4.
+Milvus 2.3.5 (the embedded server) routes ``upsert`` rows with a partition key to the wrong
+partition (milvus-io/milvus#30607, fixed by #30772 in 2024), so there it is a plain field.
+
+Consistency: ``MilvusSettings.consistency_level`` (default ``Session``: read-your-writes for this
+client at about the cost of ``Bounded``) is set on the collection and on every read.
+
+Errors: pymilvus and gRPC failures become ``DependencyUnavailable`` (retriable) with a message that
+says what to check; an example whose text is longer than the schema allows raises ``LimitExceeded``;
+a vector of the wrong dimension raises ``ValueError`` (a configuration mismatch, not bad input).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Awaitable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, Literal, Self, TypeVar
+
+import grpc
+import numpy as np
+from pymilvus import AsyncMilvusClient, DataType, MilvusClient, MilvusException
+
+from .errors import DependencyUnavailable, LimitExceeded, SchemaError
+from .protocols import Example, SearchHit, Vector
+from .settings import MilvusSettings
+
+__all__ = [
+    "MAX_REQUEST_BYTES",
+    "MAX_RESPONSE_BYTES",
+    "MilvusExampleStore",
+    "quote",
+    "tenant_filter",
+]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+MAX_ID_BYTES: Final = 64
+MAX_TENANT_BYTES: Final = 64
+MAX_TIER_BYTES: Final = 64
+MAX_REQUEST_BYTES: Final = 16 * 1024  # Milvus VARCHAR max_length counts UTF-8 bytes
+MAX_RESPONSE_BYTES: Final = 32 * 1024
+_IDS_PER_EXPRESSION: Final = 512  # keeps filter expressions short
+_UPSERT_BATCH_BYTES: Final = 8 * 1024 * 1024  # well under gRPC's 64 MiB message limit
+_MAX_LIMIT: Final = 16_384  # Milvus topk limit
+_NUM_PARTITIONS: Final = 16
+_OPEN_DEADLINE_S: Final = 90.0  # a server's first load after a restart can take tens of seconds
+
+_SCALAR_FIELDS: Final = (
+    "example_id",
+    "tenant",
+    "request",
+    "response",
+    "model_tier",
+    "quality",
+    "gain",
+    "offloads",
+    "replay_rounds",
+    "created_at",
+    "updated_at",
+    "usable",
+)
+_ALL_FIELDS: Final = [*_SCALAR_FIELDS, "embedding"]
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+# ------------------------------------------------------------------------------------ filters
+def quote(value: str) -> str:
+    """``value`` as a Milvus filter string literal: double-quoted, ``\\`` and ``"`` escaped.
+
+    Control characters are refused (Milvus Lite's parser knows only ``\\n \\r \\t`` escapes, and no
+    tenant or id legitimately holds one), so no value can end the literal and inject a clause.
+    """
+    if not isinstance(value, str):
+        raise TypeError(f"filter values must be str, got {type(value).__name__}")
+    if _CONTROL_CHARS.search(value):
+        raise SchemaError(f"control characters are not allowed in tenant or example ids: {value!r}")
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def tenant_filter(tenant: str) -> str:
+    """The mandatory clause of every per-tenant read or delete: ``tenant == "<tenant>"``."""
+    if not tenant:
+        raise SchemaError("tenant must be a non-empty string")
+    if len(tenant.encode()) > MAX_TENANT_BYTES:
+        raise SchemaError(f"tenant is longer than {MAX_TENANT_BYTES} bytes: {tenant[:80]!r}")
+    return f"tenant == {quote(tenant)}"
+
+
+def _ids_clause(ids: Sequence[str]) -> str:
+    return "example_id in [" + ", ".join(quote(i) for i in ids) + "]"
+
+
+def _where(tenant: str | None, ids: Sequence[str] | None = None) -> str:
+    clauses = [tenant_filter(tenant)] if tenant is not None else []
+    if ids is not None:
+        clauses.append(_ids_clause(ids))
+    # An empty filter needs a limit on a server; this one is always true and needs none.
+    return " and ".join(clauses) or 'example_id != ""'
+
+
+def _chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+# ---------------------------------------------------------------------------------- schema/rows
+@dataclass(frozen=True, slots=True)
+class _Capabilities:
+    """What differs between back-ends, decided once when the collection is opened."""
+
+    backend: Literal["server", "lite"]
+    server_version: str
+    index_type: str
+    partition_key: bool  # tenant is the partition key of the collection as it exists
+
+
+def _partition_key_safe(version: str) -> bool:
+    """Whether upsert honours a partition key on this server (see the module docstring)."""
+    if version.startswith("milvus_lite"):
+        return True
+    match = re.search(r"(\d+)\.(\d+)", version)
+    return match is not None and (int(match[1]), int(match[2])) >= (2, 4)
+
+
+def _index_for(backend: str, configured: str) -> tuple[str, dict[str, Any]]:
+    """Index type and build params. Milvus Lite 3.2.2 builds HNSW/IVF only with faiss-cpu installed;
+    AUTOINDEX there means HNSW when faiss is importable and a brute-force scan otherwise."""
+    if backend == "lite":
+        return ("FLAT", {}) if configured == "FLAT" else ("AUTOINDEX", {})
+    if configured == "HNSW":
+        return "HNSW", {"M": 16, "efConstruction": 200}
+    if configured == "IVF_FLAT":
+        return "IVF_FLAT", {"nlist": 128}
+    return configured, {}
+
+
+def _search_params(index_type: str, limit: int) -> dict[str, Any]:
+    params: dict[str, Any] = {"metric_type": "COSINE"}
+    if index_type == "HNSW":
+        params["params"] = {"ef": max(64, limit)}
+    elif index_type == "IVF_FLAT":
+        params["params"] = {"nprobe": 16}
+    return params
+
+
+def _build_schema(dimension: int, partition_key: bool) -> Any:
+    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("example_id", DataType.VARCHAR, is_primary=True, max_length=MAX_ID_BYTES)
+    schema.add_field("tenant", DataType.VARCHAR, max_length=MAX_TENANT_BYTES, is_partition_key=partition_key)
+    schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=dimension)
+    schema.add_field("request", DataType.VARCHAR, max_length=MAX_REQUEST_BYTES)
+    schema.add_field("response", DataType.VARCHAR, max_length=MAX_RESPONSE_BYTES)
+    schema.add_field("model_tier", DataType.VARCHAR, max_length=MAX_TIER_BYTES)
+    # DOUBLE, not FLOAT: values must round-trip exactly (the fake and Milvus agree bit for bit).
+    schema.add_field("quality", DataType.DOUBLE)
+    schema.add_field("gain", DataType.DOUBLE)
+    schema.add_field("offloads", DataType.DOUBLE)
+    schema.add_field("replay_rounds", DataType.INT64)
+    schema.add_field("created_at", DataType.DOUBLE)
+    schema.add_field("updated_at", DataType.DOUBLE)
+    schema.add_field("usable", DataType.BOOL)
+    return schema
+
+
+def _check_text(example: Example, field: str, value: str, limit: int) -> None:
+    size = len(value.encode())
+    if size > limit:
+        raise LimitExceeded(
+            f"example {example.example_id!r}: {field} is {size} bytes of UTF-8, over the {limit}-byte "
+            f"limit of the example bank; truncate or skip it before admission"
+        )
+
+
+def _to_row(example: Example, dimension: int) -> dict[str, Any]:
+    if len(example.example_id.encode()) > MAX_ID_BYTES or not example.example_id:
+        raise SchemaError(f"example_id must be 1..{MAX_ID_BYTES} bytes, got {example.example_id!r}")
+    quote(example.example_id)
+    tenant_filter(example.tenant)
+    _check_text(example, "request", example.request, MAX_REQUEST_BYTES)
+    _check_text(example, "response", example.response, MAX_RESPONSE_BYTES)
+    _check_text(example, "model_tier", example.model_tier, MAX_TIER_BYTES)
+    vector = np.asarray(example.embedding, dtype=np.float32).reshape(-1)
+    if vector.shape != (dimension,):
+        raise ValueError(
+            f"example {example.example_id!r} has a {vector.shape[0]}-d embedding but the collection holds "
+            f"{dimension}-d vectors: milvus.dimension and the embedding model disagree"
+        )
+    if not np.isfinite(vector).all() or not vector.any():
+        raise ValueError(f"example {example.example_id!r} has a zero or non-finite embedding")
+    return {
+        "example_id": example.example_id,
+        "tenant": example.tenant,
+        "embedding": vector.tolist(),
+        "request": example.request,
+        "response": example.response,
+        "model_tier": example.model_tier,
+        "quality": float(example.quality),
+        "gain": float(example.gain),
+        "offloads": float(example.offloads),
+        "replay_rounds": int(example.replay_rounds),
+        "created_at": float(example.created_at),
+        "updated_at": float(example.updated_at),
+        "usable": bool(example.usable),
+    }
+
+
+def _vector(value: Any) -> Vector:
+    if isinstance(value, bytes | bytearray):
+        return np.frombuffer(value, dtype=np.float32).copy()
+    return np.asarray(value, dtype=np.float32)
+
+
+def _from_row(row: Any) -> Example:
+    return Example(
+        example_id=str(row["example_id"]),
+        tenant=str(row["tenant"]),
+        request=str(row["request"]),
+        response=str(row["response"]),
+        embedding=_vector(row["embedding"]),
+        model_tier=str(row["model_tier"]),
+        quality=float(row["quality"]),
+        gain=float(row["gain"]),
+        offloads=float(row["offloads"]),
+        replay_rounds=int(row["replay_rounds"]),
+        created_at=float(row["created_at"]),
+        updated_at=float(row["updated_at"]),
+        usable=bool(row["usable"]),
+    )
+
+
+def _batches_by_size(rows: list[dict[str, Any]], max_bytes: int) -> Iterable[list[dict[str, Any]]]:
+    batch: list[dict[str, Any]] = []
+    size = 0
+    for row in rows:
+        row_bytes = len(row["request"]) + len(row["response"]) + 8 * len(row["embedding"]) + 256
+        if batch and size + row_bytes > max_bytes:
+            yield batch
+            batch, size = [], 0
+        batch.append(row)
+        size += row_bytes
+    if batch:
+        yield batch
+
+
+# ------------------------------------------------------------------------------------- the store
+class MilvusExampleStore:
+    """Implements ``infra.protocols.VectorStore`` over pymilvus 3.0.2 (server URI or Lite ``.db`` path).
+
+    ``collection`` overrides ``settings.collection`` (tests use one collection each). Open with
+    ``async with MilvusExampleStore(settings) as store:`` (connects and runs ``ensure_collection()``),
+    or call ``ensure_collection()`` directly; ``aclose()`` is idempotent.
+    """
+
+    def __init__(self, settings: MilvusSettings, *, collection: str | None = None) -> None:
+        self._settings = settings
+        self.collection = collection or settings.collection
+        self.uri = settings.uri
+        self.backend: Literal["server", "lite"] = "lite" if settings.uri.endswith(".db") else "server"
+        self.dimension = settings.dimension
+        self._sync: MilvusClient | None = None
+        self._async: AsyncMilvusClient | None = None
+        self._caps: _Capabilities | None = None
+        self._open_lock = asyncio.Lock()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"MilvusExampleStore(uri={self.uri!r}, collection={self.collection!r})"
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    async def __aenter__(self) -> Self:
+        await self.ensure_collection()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        async_client, self._async = self._async, None
+        sync_client, self._sync = self._sync, None
+        if async_client is not None:
+            try:
+                await async_client.close()
+            except (MilvusException, grpc.RpcError, OSError) as exc:
+                log.warning("closing the async Milvus client for %s failed: %s", self.uri, exc)
+        if sync_client is not None:
+            try:
+                await asyncio.to_thread(sync_client.close)
+            except (MilvusException, grpc.RpcError, OSError) as exc:
+                log.warning("closing the Milvus client for %s failed: %s", self.uri, exc)
+
+    @property
+    def capabilities(self) -> _Capabilities | None:
+        """What ``ensure_collection()`` found (None before it ran)."""
+        return self._caps
+
+    async def ensure_collection(self) -> None:
+        """Connect, and create, index and load the collection unless it exists. Idempotent."""
+        if self._caps is not None:
+            return
+        async with self._open_lock:
+            if self._caps is not None:
+                return
+            self._check_open()
+            started = time.monotonic()
+            self._caps = await self._guard(
+                "open the collection", asyncio.to_thread(self._open_sync), deadline_s=_OPEN_DEADLINE_S
+            )
+            self._async = AsyncMilvusClient(
+                uri=self._client_uri(), token=self._token(), db_name=self._db_name(), dedicated=True
+            )
+            log.info(
+                "milvus %s (%s): collection %s ready in %.2f s (index %s, partition key %s)",
+                self.uri,
+                self._caps.server_version,
+                self.collection,
+                time.monotonic() - started,
+                self._caps.index_type,
+                self._caps.partition_key,
+            )
+
+    async def drop(self) -> None:
+        """Drop the collection (tests and ``rebuild``); the next call recreates it."""
+        self._check_open()
+        if self._sync is None:
+            await self._guard("connect", asyncio.to_thread(self._connect_sync))
+        client = self._sync
+        assert client is not None
+
+        def _drop() -> None:
+            if client.has_collection(self.collection, timeout=self._settings.timeout_s):
+                client.drop_collection(self.collection, timeout=self._settings.timeout_s)
+
+        await self._guard("drop the collection", asyncio.to_thread(_drop))
+        self._caps = None
+
+    # -- VectorStore -------------------------------------------------------------------------------
+    async def search(
+        self, tenant: str, vectors: Vector, *, limit: int, include_unusable: bool = False
+    ) -> list[list[SearchHit]]:
+        """The ``limit`` nearest examples of ``tenant`` for each row of ``vectors``, best first."""
+        where = tenant_filter(tenant)
+        matrix = self._matrix(vectors)
+        if not 1 <= limit <= _MAX_LIMIT:
+            raise ValueError(f"limit must be in 1..{_MAX_LIMIT}, got {limit}")
+        if matrix.shape[0] == 0:
+            return []
+        if not include_unusable:
+            where += " and usable == true"
+        client, caps = await self._client()
+        results = await self._guard(
+            "search",
+            client.search(
+                self.collection,
+                data=matrix.tolist(),
+                anns_field="embedding",
+                filter=where,
+                limit=limit,
+                output_fields=_ALL_FIELDS,
+                search_params=_search_params(caps.index_type, limit),
+                consistency_level=self._settings.consistency_level,
+                timeout=self._settings.timeout_s,
+            ),
+        )
+        out: list[list[SearchHit]] = []
+        for hits in results:
+            row_hits = [SearchHit(_from_row(hit["entity"]), float(hit["distance"])) for hit in hits]
+            row_hits.sort(key=lambda h: -h.similarity)
+            out.append(row_hits)
+        return out
+
+    async def upsert(self, examples: Sequence[Example]) -> None:
+        """Insert or overwrite by ``example_id`` (the last of duplicates in one call wins)."""
+        if not examples:
+            return
+        client, _ = await self._client()
+        latest = {e.example_id: e for e in examples}
+        rows = [_to_row(e, self.dimension) for e in latest.values()]
+        for batch in _batches_by_size(rows, _UPSERT_BATCH_BYTES):
+            await self._guard(
+                "upsert", client.upsert(self.collection, batch, timeout=self._settings.timeout_s)
+            )
+
+    async def delete(self, tenant: str, example_ids: Sequence[str]) -> None:
+        """Delete these ids of ``tenant``; ids of other tenants or unknown ids are left alone."""
+        tenant_filter(tenant)
+        if not example_ids:
+            return
+        client, _ = await self._client()
+        for chunk in _chunks(sorted(set(example_ids)), _IDS_PER_EXPRESSION):
+            await self._guard(
+                "delete",
+                client.delete(
+                    self.collection, filter=_where(tenant, chunk), timeout=self._settings.timeout_s
+                ),
+            )
+
+    async def get(self, tenant: str, example_ids: Sequence[str]) -> list[Example]:
+        """The examples of ``tenant`` among ``example_ids`` (unusable ones too), in the order asked."""
+        tenant_filter(tenant)
+        if not example_ids:
+            return []
+        found = {e.example_id: e for e in await self._fetch(tenant, sorted(set(example_ids)))}
+        return [found[i] for i in dict.fromkeys(example_ids) if i in found]
+
+    async def scan(self, tenant: str | None = None, *, batch_size: int = 1000) -> list[Example]:
+        """Every example (of ``tenant`` if given), sorted by ``example_id``, fetched ``batch_size`` at a time.
+
+        Two phases, so paging does not depend on result order (Milvus Lite returns query pages in
+        insertion order, a server in key order): first every matching id, then the rows by id.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        client, _ = await self._client()
+        rows = await self._guard(
+            "scan",
+            client.query(
+                self.collection,
+                filter=_where(tenant),
+                output_fields=["example_id"],
+                consistency_level=self._settings.consistency_level,
+                timeout=self._settings.timeout_s,
+            ),
+        )
+        ids = sorted({str(r["example_id"]) for r in rows})
+        out: list[Example] = []
+        for chunk in _chunks(ids, min(batch_size, _IDS_PER_EXPRESSION)):
+            out.extend(await self._fetch(tenant, chunk))
+        out.sort(key=lambda e: e.example_id)
+        return out
+
+    async def count(self, tenant: str | None = None) -> int:
+        client, _ = await self._client()
+        rows = await self._guard(
+            "count",
+            client.query(
+                self.collection,
+                filter=_where(tenant),
+                output_fields=["count(*)"],
+                consistency_level=self._settings.consistency_level,
+                timeout=self._settings.timeout_s,
+            ),
+        )
+        return int(rows[0]["count(*)"]) if rows else 0
+
+    # -- internals ---------------------------------------------------------------------------------
+    async def _fetch(self, tenant: str | None, ids: Sequence[str]) -> list[Example]:
+        client, _ = await self._client()
+        out: list[Example] = []
+        for chunk in _chunks(ids, _IDS_PER_EXPRESSION):
+            rows = await self._guard(
+                "get",
+                client.query(
+                    self.collection,
+                    filter=_where(tenant, chunk),
+                    output_fields=_ALL_FIELDS,
+                    consistency_level=self._settings.consistency_level,
+                    timeout=self._settings.timeout_s,
+                ),
+            )
+            out.extend(_from_row(r) for r in rows)
+        return out
+
+    def _matrix(self, vectors: Vector) -> Vector:
+        matrix = np.asarray(vectors, dtype=np.float32)
+        if matrix.ndim == 1:
+            matrix = matrix.reshape(1, -1)
+        if matrix.ndim != 2 or (matrix.shape[0] and matrix.shape[1] != self.dimension):
+            raise ValueError(
+                f"search vectors must have shape (n, {self.dimension}), got {matrix.shape}: "
+                "milvus.dimension and the embedding model disagree"
+            )
+        return matrix
+
+    async def _client(self) -> tuple[AsyncMilvusClient, _Capabilities]:
+        await self.ensure_collection()
+        self._check_open()
+        assert self._async is not None and self._caps is not None
+        return self._async, self._caps
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise DependencyUnavailable(f"{self!r} is closed; create a new store")
+
+    async def _guard(self, op: str, call: Awaitable[T], *, deadline_s: float | None = None) -> T:
+        """Await a pymilvus call, turning its failures into ``DependencyUnavailable``."""
+        try:
+            # A backstop: pymilvus retries UNAVAILABLE internally and honours ``timeout`` only per try.
+            async with asyncio.timeout(deadline_s or self._settings.timeout_s * 2 + 1):
+                return await call
+        except (MilvusException, grpc.RpcError, OSError, TimeoutError) as exc:
+            detail = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+            raise DependencyUnavailable(
+                f"Milvus at {self.uri} could not {op} on collection {self.collection!r}: {detail}. "
+                + self._hint()
+            ) from exc
+
+    def _hint(self) -> str:
+        if self.backend == "lite":
+            return (
+                "Check that the .db file's folder is writable and that no other process has it open "
+                "(Milvus Lite locks the file; use a Milvus server for several workers)."
+            )
+        return (
+            "Check that the server is running (`echolm up` starts one; docker-compose in production), "
+            "that milvus.uri and milvus.token are right, and the server logs."
+        )
+
+    # -- sync control plane (runs in a worker thread) -----------------------------------------------
+    def _client_uri(self) -> str:
+        if self.backend == "lite":
+            path = Path(self.uri).expanduser().resolve()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return str(path)
+        return self.uri
+
+    def _token(self) -> str:
+        return self._settings.token.get_secret_value() if self._settings.token else ""
+
+    def _db_name(self) -> str:
+        # Milvus Lite has only the default database.
+        return "" if self.backend == "lite" else self._settings.db_name
+
+    def _connect_sync(self) -> MilvusClient:
+        if self._sync is None:
+            self._sync = MilvusClient(
+                uri=self._client_uri(),
+                token=self._token(),
+                db_name=self._db_name(),
+                timeout=self._settings.timeout_s,
+            )
+        return self._sync
+
+    def _open_sync(self) -> _Capabilities:
+        client = self._connect_sync()
+        timeout = self._settings.timeout_s
+        version = str(client.get_server_version(timeout=timeout))
+        name = self.collection
+        if client.has_collection(name, timeout=timeout):
+            description = client.describe_collection(name, timeout=timeout)
+            self._check_existing(description)
+            partition_key = any(f.get("is_partition_key") for f in description["fields"])
+            indexes = client.list_indexes(name, field_name="embedding", timeout=timeout)
+            if indexes:
+                index_type = str(
+                    client.describe_index(name, index_name=indexes[0], timeout=timeout).get("index_type", "")
+                )
+            else:
+                index_type, build = _index_for(self.backend, self._settings.index_type)
+                client.create_index(name, self._index_params(index_type, build), timeout=timeout)
+            # Loading an already loaded collection is a no-op on both back-ends.
+            client.load_collection(name, timeout=_OPEN_DEADLINE_S)
+        else:
+            partition_key = _partition_key_safe(version)
+            index_type, build = _index_for(self.backend, self._settings.index_type)
+            extra: dict[str, Any] = {"num_partitions": _NUM_PARTITIONS} if partition_key else {}
+            client.create_collection(
+                name,
+                schema=_build_schema(self.dimension, partition_key),
+                index_params=self._index_params(index_type, build),
+                consistency_level=self._settings.consistency_level,
+                timeout=_OPEN_DEADLINE_S,
+                **extra,
+            )
+        backend: Literal["server", "lite"] = self.backend
+        return _Capabilities(backend, version, index_type, partition_key)
+
+    def _index_params(self, index_type: str, build: dict[str, Any]) -> Any:
+        params = MilvusClient.prepare_index_params()
+        params.add_index("embedding", index_type=index_type, metric_type="COSINE", params=build)
+        return params
+
+    def _check_existing(self, description: dict[str, Any]) -> None:
+        fields = {f["name"]: f for f in description["fields"]}
+        missing = [name for name in _ALL_FIELDS if name not in fields]
+        if missing:
+            raise ValueError(
+                f"collection {self.collection!r} at {self.uri} exists with another schema (missing fields "
+                f"{missing}); drop it or set milvus.collection to a new name"
+            )
+        dim = int(fields["embedding"].get("params", {}).get("dim", 0))
+        if dim != self.dimension:
+            raise ValueError(
+                f"collection {self.collection!r} at {self.uri} holds {dim}-d vectors but milvus.dimension is "
+                f"{self.dimension}; use another collection name or rebuild it (`echolm rebuild`)"
+            )
