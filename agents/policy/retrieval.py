@@ -180,26 +180,27 @@ def select_examples(
 
     embeddings = _normalised_embeddings([eligible[i] for i in passing])
     gram = embeddings @ embeddings.T
-    texts = [_normalised_text(eligible[i].example.request) for i in passing]
-    costs = [example_tokens(eligible[i].example) for i in passing]
     relevance = np.asarray([utilities[i] for i in passing])
     redundancy = np.zeros(len(passing))  # max cosine to the kept ones, floored at 0
     remaining = list(range(len(passing)))
     kept: list[int] = []
+    kept_texts: set[str] = set()
     budget = token_budget
     while remaining and len(kept) < max_examples:
         mmr = (1.0 - diversity) * relevance[remaining] - diversity * redundancy[remaining]
         j = remaining.pop(int(np.argmax(mmr)))
-        if kept and (
-            max(gram[j, k] for k in kept) >= duplicate_similarity or texts[j] in {texts[k] for k in kept}
-        ):
+        example = eligible[passing[j]].example
+        text = _normalised_text(example.request)
+        if kept and (max(gram[j, k] for k in kept) >= duplicate_similarity or text in kept_texts):
             drop("near_duplicate")
             continue
-        if costs[j] > budget:
+        cost = example_tokens(example)
+        if cost > budget:
             drop("token_budget")
             continue
         kept.append(j)
-        budget -= costs[j]
+        kept_texts.add(text)
+        budget -= cost
         np.maximum(redundancy, np.maximum(gram[j], 0.0), out=redundancy)
     drop("max_examples", len(remaining))
 
