@@ -13,7 +13,7 @@ Used by integration tests and by the local-stack launcher::
 
 ``port=0`` lets the child bind a free port and report it through a port file (no race between
 picking a port and binding it). ``stop()`` sends SIGTERM, waits ``stop_timeout_s``, then SIGKILLs;
-it is idempotent and returns the exit code.
+it is idempotent and returns the exit code (-15 after a clean SIGTERM shutdown).
 """
 
 from __future__ import annotations
@@ -148,7 +148,11 @@ class DevServerProcess:
                 await asyncio.sleep(_POLL_S)
 
     def stop(self) -> int | None:
-        """SIGTERM, then SIGKILL after ``stop_timeout_s``. Idempotent; returns the exit code."""
+        """SIGTERM, then SIGKILL after ``stop_timeout_s``. Idempotent; returns the exit code.
+
+        A clean stop returns ``-SIGTERM`` (-15): uvicorn drains and shuts the app down, then re-raises
+        the signal it caught. ``-SIGKILL`` means the deadline passed.
+        """
         process = self._process
         if process is None:
             return None
