@@ -418,6 +418,25 @@ def test_dockerfile_is_multistage_nonroot_and_configured_only_through_settings()
                 settings_field(name)
 
 
+def test_dockerignore_keeps_what_the_dockerfile_copies() -> None:
+    ignored = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    for instruction, args in dockerfile_instructions():
+        if instruction != "COPY" or args.startswith("--from"):
+            continue
+        *sources, _destination = args.split()
+        for source in sources:
+            assert source not in ignored, f"COPY {source} but .dockerignore excludes it"
+            # README.md is written separately; pyproject's `readme` needs it for `pip install .`.
+            if source != "README.md":
+                assert (ROOT / source).exists(), f"COPY {source}: no such path"
+    for secret_file in (".env", ".git", ".venv"):
+        assert secret_file in ignored
+
+
 # --- (b) real Compose implementations --------------------------------------------------------------
 
 
