@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import time
@@ -344,6 +345,9 @@ class TGIQueueProbe:
         self._clock = clock
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), transport=transport)
         self._samples: dict[str, QueueDepth] = {}
+        # Scrapes overlap (timer + refresh()); a slow older scrape must not overwrite a newer one.
+        self._scrapes = itertools.count()
+        self._stored: dict[str, int] = {}
         self._task: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -408,27 +412,31 @@ class TGIQueueProbe:
 
     async def _scrape(self, backend: BackendSettings) -> None:
         url = f"{backend.url.rstrip('/')}/metrics"
-        previous = self._samples.get(backend.name)
+        scrape = next(self._scrapes)
         try:
             response = await self._http.get(url)
             response.raise_for_status()
             waiting, running = parse_queue_gauges(response.text)
         except (httpx.HTTPError, ValueError) as exc:
+            previous = self._samples.get(backend.name)
             if previous is None or previous.healthy:
                 logger.warning("queue probe: scraping %s (%s) failed: %r", backend.name, url, exc)
-            self._samples[backend.name] = QueueDepth(
+            sample = QueueDepth(
                 backend=backend.name,
                 waiting=previous.waiting if previous is not None else 0.0,
                 running=previous.running if previous is not None else 0.0,
                 at=self._clock(),
                 healthy=False,
             )
-            return
-        if previous is not None and not previous.healthy:
+        else:
+            sample = QueueDepth(backend=backend.name, waiting=waiting, running=running, at=self._clock())
+        if scrape < self._stored.get(backend.name, -1):
+            return  # a scrape started later has already answered
+        previous = self._samples.get(backend.name)
+        if sample.healthy and previous is not None and not previous.healthy:
             logger.info("queue probe: %s (%s) answers again", backend.name, url)
-        self._samples[backend.name] = QueueDepth(
-            backend=backend.name, waiting=waiting, running=running, at=self._clock(), healthy=True
-        )
+        self._stored[backend.name] = scrape
+        self._samples[backend.name] = sample
 
 
 def _log_crash(task: asyncio.Task[None]) -> None:

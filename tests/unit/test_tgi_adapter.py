@@ -493,3 +493,23 @@ async def test_probe_from_settings_keeps_scrapes_inside_the_staleness_window() -
 def test_probe_needs_a_backend() -> None:
     with pytest.raises(ValueError, match="at least one backend"):
         TGIQueueProbe([])
+
+
+async def test_probe_a_slow_older_scrape_never_overwrites_a_newer_one() -> None:
+    release, first_in_flight = asyncio.Event(), asyncio.Event()
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if not first_in_flight.is_set():  # the first scrape hangs, then reports an old, busy queue
+            first_in_flight.set()
+            await release.wait()
+            return httpx.Response(200, text="tgi_queue_size 5\ntgi_batch_current_size 1\n")
+        return httpx.Response(200, text="tgi_queue_size 0\ntgi_batch_current_size 0\n")
+
+    clock = FakeClock()
+    p = TGIQueueProbe([backend("a", "http://a")], clock=clock, transport=httpx.MockTransport(handler))
+    async with contextlib.aclosing(p):
+        old = asyncio.create_task(p.refresh())
+        await first_in_flight.wait()
+        assert (await p.refresh())["a"].waiting == 0
+        release.set()
+        assert (await old)["a"].waiting == 0
