@@ -135,7 +135,7 @@ def combine_both_orders(score_ab: float, score_ba: float) -> float:
 
 
 # ---------------------------------------------------------------------------------------- win rate
-def outcomes(scores: Sequence[float], tie: float = 0.3) -> FloatArray:
+def outcomes(scores: Sequence[float] | FloatArray, tie: float = 0.3) -> FloatArray:
     """Per comparison: 1 for a win (score > tie), 0.5 for a tie (|score| <= tie), 0 for a loss."""
     s = np.asarray(scores, dtype=np.float64).reshape(-1)
     if not np.all(np.isfinite(s)):
@@ -143,7 +143,7 @@ def outcomes(scores: Sequence[float], tie: float = 0.3) -> FloatArray:
     return np.where(s > tie, 1.0, np.where(s < -tie, 0.0, 0.5))
 
 
-def win_rate(scores: Sequence[float], tie: float = 0.3) -> float:
+def win_rate(scores: Sequence[float] | FloatArray, tie: float = 0.3) -> float:
     """``(wins + ties / 2) / total`` over judge scores from the candidate's side; 0.5 is parity."""
     if len(scores) == 0:
         raise ValueError("win rate of no comparisons is undefined")
@@ -164,7 +164,7 @@ def wilson_interval(successes: float, n: int, *, z: float = 1.96) -> tuple[float
 
 
 def bootstrap_ci(
-    values: Sequence[float], *, confidence: float = 0.95, resamples: int = 2000, seed: int = 0
+    values: Sequence[float] | FloatArray, *, confidence: float = 0.95, resamples: int = 2000, seed: int = 0
 ) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of ``values`` (pass ``outcomes(scores)`` for a win
     rate). Seeded: the same input gives the same interval."""

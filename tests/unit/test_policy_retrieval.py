@@ -6,6 +6,7 @@ import json
 import math
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import pytest
 from agents.policy.retrieval import (
     FEATURE_NAMES,
     Selected,
+    SelectionResult,
     ThresholdTuner,
     UtilityModel,
     UtilityScorer,
@@ -70,7 +72,7 @@ class FixedScorer:
         return np.asarray([self.utilities[h.example.example_id] for h in hits], dtype=np.float64)
 
 
-SELECT_DEFAULTS = {
+SELECT_DEFAULTS: dict[str, Any] = {
     "threshold": 0.5,
     "max_examples": 5,
     "min_similarity": 0.5,
@@ -82,11 +84,11 @@ SELECT_DEFAULTS = {
 }
 
 
-def select(hits: Sequence[SearchHit], utilities: dict[str, float], **overrides: object):  # type: ignore[no-untyped-def]
-    kwargs = {**SELECT_DEFAULTS, **overrides}
+def select(hits: Sequence[SearchHit], utilities: dict[str, float], **overrides: Any) -> SelectionResult:
+    kwargs: dict[str, Any] = {**SELECT_DEFAULTS, **overrides}
     return select_examples(
         unit(0), "what is the capital of france", hits, scorer=FixedScorer(utilities), **kwargs
-    )  # type: ignore[arg-type]
+    )
 
 
 # ------------------------------------------------------------------------------------------- tokens
@@ -436,12 +438,12 @@ def test_selection_with_the_default_model_costs_well_under_a_millisecond() -> No
     model = UtilityModel()
     kwargs = {**SELECT_DEFAULTS, "threshold": 0.3, "diversity": 0.3}
     for _ in range(20):  # warm up
-        select_examples(query, "what is the capital of france", hits, scorer=model, **kwargs)  # type: ignore[arg-type]
+        select_examples(query, "what is the capital of france", hits, scorer=model, **kwargs)
     best = math.inf
     for _ in range(5):  # best of five batches: robust to a busy machine
         started = time.perf_counter()
         for _ in range(40):
-            result = select_examples(query, "what is the capital of france", hits, scorer=model, **kwargs)  # type: ignore[arg-type]
+            result = select_examples(query, "what is the capital of france", hits, scorer=model, **kwargs)
         best = min(best, (time.perf_counter() - started) / 40)
     per_call = best
     assert result.selected

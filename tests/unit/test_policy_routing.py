@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from agents.policy.routing import (
     BackendView,
     CircuitBreaker,
     LinUCBBandit,
+    RouteDecision,
     choose_backend,
     context_features,
     effective_depth,
@@ -43,13 +45,13 @@ def estimates(small: float, large: float, width: float = 0.0) -> dict[str, ArmEs
     return {"small": ArmEstimate(small, width), "large": ArmEstimate(large, width)}
 
 
-def route(  # type: ignore[no-untyped-def]
+def route(
     est: dict[str, ArmEstimate],
     depths: dict[str, QueueDepth],
     backends: tuple[BackendView, ...] = (SMALL, LARGE),
     settings: RoutingSettings = ROUTING,
-    **kwargs,
-):
+    **kwargs: Any,
+) -> RouteDecision:
     return choose_backend(
         estimates=est,
         backends=backends,
