@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import socket
+import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from infra.tgi_dev.app import DevServerConfig, build_app
 from infra.tgi_dev.engine import Engine
+
+if TYPE_CHECKING:
+    import uvicorn
 
 __all__ = ["DEFAULT_MODEL_ID", "main", "parse_args"]
 
@@ -42,6 +49,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     emulated.add_argument(
         "--batch-slowdown", type=float, default=0.05, help="step slowdown per extra sequence"
     )
+    p.add_argument("--parent-pid", type=int, help="shut down when this process is gone (launchers set it)")
     p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], default="INFO")
     return p.parse_args(argv)
 
@@ -78,6 +86,18 @@ def _bind(host: str, port: int) -> socket.socket:
     sock.bind((host, port))
     sock.set_inheritable(True)
     return sock
+
+
+def _exit_with_parent(parent_pid: int, server: uvicorn.Server) -> None:
+    """A daemon thread: ask uvicorn to shut down once our parent has gone (e.g. a SIGKILLed test run)."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        logger.warning("parent process %d is gone: shutting down", parent_pid)
+        server.should_exit = True
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -119,6 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     server = uvicorn.Server(
         uvicorn.Config(app, log_level=args.log_level.lower(), access_log=False, timeout_graceful_shutdown=5)
     )
+    if args.parent_pid is not None:
+        _exit_with_parent(args.parent_pid, server)
     server.run(sockets=[sock])
     if failed:
         logger.error("exiting: the engine failed to load: %s", failed[0])

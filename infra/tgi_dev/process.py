@@ -19,6 +19,7 @@ it is idempotent and returns the exit code (-15 after a clean SIGTERM shutdown).
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import tempfile
@@ -77,6 +78,7 @@ class DevServerProcess:
             "--threads", str(threads),
             "--max-concurrent-requests", str(max_concurrent_requests),
             "--max-batch-size", str(max_batch_size),
+            "--parent-pid", str(os.getpid()),  # the server exits if we die without stopping it
         ]  # fmt: skip
         if gguf is not None:
             args += ["--gguf", str(gguf)]
