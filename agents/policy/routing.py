@@ -137,7 +137,7 @@ class _Candidate:
 
     @property
     def load(self) -> float:
-        return self.depth / self.view.max_concurrency
+        return self.depth / max(self.view.max_concurrency, 1)
 
 
 def _candidates(

@@ -100,13 +100,17 @@ class UtilityModel:
         y: npt.ArrayLike,
         sample_weight: npt.ArrayLike | None = None,
         *,
-        l2: float = 1.0,
+        l2: float = 10.0,
+        shrink_to_prior: bool = True,
         max_iter: int = 100,
         tol: float = 1e-8,
     ) -> UtilityModel:
-        """Fit in place and return self. ``y`` is 0/1 (or a probability); ``l2`` as sklearn's ``1/C``.
+        """Fit in place and return self. ``y`` is 0/1 (or a probability); ``l2`` as sklearn's ``1/C``
+        (the default 10 makes the prior worth roughly ten observations: negligible past a few hundred).
 
-        Minimises ``sum_i w_i * logloss_i + l2/2 * |beta|^2`` over standardised features; the
+        Minimises ``sum_i w_i * logloss_i + l2/2 * |beta - beta_0|^2`` over standardised features,
+        where ``beta_0`` is the untrained prior (``shrink_to_prior``, the default: with little feedback
+        the model stays near the prior and keeps its monotonicity) or zero (plain ridge). The
         intercept gets ``l2 * 1e-3`` so that all-positive or all-negative data still converge.
         Newton steps with backtracking: ~10 iterations, milliseconds for thousands of rows.
         """
@@ -129,18 +133,23 @@ class UtilityModel:
         z = np.hstack([(xr - mean) / scale, np.ones((n, 1))])
         penalty = np.full(d + 1, l2)
         penalty[-1] = l2 * 1e-3
-        beta = np.zeros(d + 1)
+        centre = np.zeros(d + 1)
+        if shrink_to_prior and self.feature_names == FEATURE_NAMES:
+            prior_w, prior_b = _prior_weights()
+            centre[:d] = prior_w * scale  # the prior, expressed on standardised features
+            centre[d] = prior_b + float(np.sum(prior_w * mean))
+        beta = centre.copy()
 
         def objective(b: FloatArray) -> float:
             logits = z @ b
             # log(1 + e^t) - y*t, stably
             loss = np.logaddexp(0.0, logits) - yr * logits
-            return float(sw @ loss + 0.5 * penalty @ (b * b))
+            return float(sw @ loss + 0.5 * penalty @ ((b - centre) ** 2))
 
         current = objective(beta)
         for _ in range(max_iter):
             p = _sigmoid(z @ beta)
-            grad = z.T @ (sw * (p - yr)) + penalty * beta
+            grad = z.T @ (sw * (p - yr)) + penalty * (beta - centre)
             hess = (z * (sw * p * (1.0 - p))[:, None]).T @ z + np.diag(penalty)
             step = np.linalg.solve(hess, grad)
             t = 1.0

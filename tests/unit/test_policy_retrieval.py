@@ -219,7 +219,7 @@ def test_fit_learns_and_is_fast() -> None:
 def test_fit_reaches_the_regularised_optimum() -> None:
     """At the optimum the gradient of the penalised log-loss (in standardised space) vanishes."""
     x, y = synthetic(800, seed=3)
-    model = UtilityModel().fit(x, y, l2=1.0)
+    model = UtilityModel().fit(x, y, l2=1.0, shrink_to_prior=False)
     mean, scale = x.mean(axis=0), x.std(axis=0)
     beta = model.weights * scale
     intercept = model.bias + float(np.sum(model.weights * mean))
@@ -228,6 +228,22 @@ def test_fit_reaches_the_regularised_optimum() -> None:
     grad_w = z.T @ (p - y) + 1.0 * beta
     grad_b = float(np.sum(p - y)) + 1e-3 * intercept
     assert np.max(np.abs(grad_w)) < 1e-5 and abs(grad_b) < 1e-5
+
+
+def test_fit_on_little_data_stays_near_the_prior() -> None:
+    rng = np.random.default_rng(8)
+    x = np.vstack([feature_row(s, q) for s, q in rng.uniform(0.5, 1.0, size=(12, 2))])
+    y = rng.integers(0, 2, size=12).astype(np.float64)  # noise: nothing to learn
+    shrunk = UtilityModel().fit(x, y)
+    sims = np.vstack([feature_row(s, 0.5) for s in np.linspace(0.5, 1.0, 11)])
+    assert np.all(np.diff(shrunk.predict(sims)) > 0)  # still monotone in similarity
+    assert shrunk.weights[FEATURE_NAMES.index("similarity")] > 5.0
+
+
+def test_shrinking_to_the_prior_still_learns_from_plenty_of_data() -> None:
+    x, y = synthetic(5000, seed=9)
+    shrunk, plain = UtilityModel().fit(x, y), UtilityModel().fit(x, y, shrink_to_prior=False)
+    assert np.allclose(shrunk.predict(x), plain.predict(x), atol=0.03)
 
 
 @pytest.mark.parametrize("label", [0.0, 1.0])
