@@ -404,3 +404,16 @@ async def test_emulator_service_time_model() -> None:
 def test_service_time_model_rejects_negative_numbers() -> None:
     with pytest.raises(ValueError, match="non-negative"):
         ServiceTimeModel(decode_ms_per_token=-1)
+
+
+def test_listening_socket_says_tcp_so_asyncio_disables_nagle() -> None:
+    # Regression: with proto=0, asyncio skips TCP_NODELAY and every response with a body took ~44 ms.
+    import socket
+
+    from infra.tgi_dev.cli import _bind
+
+    sock = _bind("127.0.0.1", 0)
+    try:
+        assert sock.proto == socket.IPPROTO_TCP
+    finally:
+        sock.close()
