@@ -45,6 +45,7 @@ __all__ = [
     "context_features",
     "effective_depth",
     "fallback_backend",
+    "fallback_decision",
     "load_penalty",
 ]
 
@@ -290,3 +291,42 @@ def fallback_backend(
     if not pool:
         return None
     return min(pool, key=lambda c: (c.load, c.depth, c.view.cost, c.view.name)).view
+
+
+def fallback_decision(
+    backends: Sequence[BackendView],
+    depths: Mapping[str, QueueDepth],
+    *,
+    now: float,
+    stale_after_s: float,
+    q0: float = 0.0,
+    exclude: Set[str] = frozenset(),
+    open_circuits: Set[str] = frozenset(),
+    why: str = "router failed",
+) -> RouteDecision:
+    """``fallback_backend`` as a ``RouteDecision`` for the log (no scores, no feedback asked), so the
+    bypass path records where it sent the request. Raises ``NoBackendAvailable`` if nothing is left."""
+    view = fallback_backend(
+        backends,
+        depths,
+        now=now,
+        stale_after_s=stale_after_s,
+        q0=q0,
+        exclude=exclude,
+        open_circuits=open_circuits,
+    )
+    if view is None:
+        raise NoBackendAvailable(f"{why}, and every backend is excluded or has an open circuit")
+    used, state = effective_depth(view, depths.get(view.name), now=now, stale_after_s=stale_after_s, q0=q0)
+    return RouteDecision(
+        backend=view.name,
+        tier=view.tier,
+        scores={},
+        expected_quality={},
+        load_penalty={},
+        queue_depths={view.name: used},
+        reason=f"bypass ({why}): least-loaded backend"
+        + ("" if state == "fresh" else f"; {state}: {view.name}"),
+        ask_feedback=False,
+        bias=0.0,
+    )

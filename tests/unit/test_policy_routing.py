@@ -22,6 +22,7 @@ from agents.policy.routing import (
     context_features,
     effective_depth,
     fallback_backend,
+    fallback_decision,
     load_penalty,
 )
 from infra.errors import NoBackendAvailable
@@ -344,6 +345,16 @@ def test_fallback_picks_the_least_loaded_healthy_backend_of_any_tier() -> None:
         fallback_backend((SMALL, LARGE), depths, now=NOW, stale_after_s=2.0, exclude={"small-0", "large-0"})
         is None
     )
+
+
+def test_fallback_decision_records_the_bypass() -> None:
+    depths = {"small-0": depth("small-0", 12), "large-0": depth("large-0", 4, age=9.0)}
+    decision = fallback_decision((SMALL, LARGE), depths, now=NOW, stale_after_s=2.0, q0=2.0)
+    assert decision.backend == "large-0" and decision.tier == "large"  # stale 4 -> max(4, 2 + 8) = 10 < 12
+    assert decision.reason.startswith("bypass (router failed)") and "stale: large-0" in decision.reason
+    assert decision.queue_depths == {"large-0": 10.0} and not decision.ask_feedback
+    with pytest.raises(NoBackendAvailable, match="router failed"):
+        fallback_decision((SMALL,), depths, now=NOW, stale_after_s=2.0, open_circuits={"small-0"})
 
 
 # ---------------------------------------------------------------------------------------- breakers
