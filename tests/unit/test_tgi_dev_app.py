@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 from starlette.applications import Starlette
+from starlette.types import Message
 
 from infra.tgi import parse_queue_gauges
 from infra.tgi_dev.app import DevServer, DevServerConfig, build_app
@@ -284,12 +285,12 @@ async def test_emulator_batches_continuously() -> None:
 
 async def _asgi_call(
     app: Starlette, path: str, body: dict[str, Any], disconnect: asyncio.Event
-) -> list[dict[str, Any]]:
+) -> list[Message]:
     """Drive the ASGI app by hand, to disconnect the client when ``disconnect`` is set."""
-    sent: list[dict[str, Any]] = []
+    sent: list[Message] = []
     delivered = False
 
-    async def receive() -> dict[str, Any]:
+    async def receive() -> Message:
         nonlocal delivered
         if not delivered:
             delivered = True
@@ -297,7 +298,7 @@ async def _asgi_call(
         await disconnect.wait()
         return {"type": "http.disconnect"}
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: Message) -> None:
         sent.append(message)
 
     scope = {
