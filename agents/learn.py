@@ -34,7 +34,7 @@ __all__ = ["register_learn"]
 log = logging.getLogger(__name__)
 
 
-def decision_from_log(record: LogRecord, dim: int) -> RecentDecision | None:
+def decision_from_log(record: LogRecord, dim: int, large_tier: str) -> RecentDecision | None:
     if record.route is None or not record.reply.ok:
         return None
     query = decode_vector(record.embedding) if record.embedding else np.zeros(dim, dtype=np.float32)
@@ -77,7 +77,7 @@ def register_learn(app: faust.App, topics: Topics, res: Resources, state: Decisi
         async for record in stream:
             if record.origin != "serve":
                 continue
-            decision = decision_from_log(record, dim)
+            decision = decision_from_log(record, dim, res.settings.tgi.large_tier)
             if decision is not None:
                 state.remember(record.request.request_id, decision)
 
@@ -100,6 +100,7 @@ def register_learn(app: faust.App, topics: Topics, res: Resources, state: Decisi
     async def checkpoint() -> None:
         if state.updates_since_save == 0:
             return
+        state.tuner.tune()
         if state.retrain_utility():
             log.info("utility model retrained on %d rows", len(state.training_y))
         state.save()

@@ -127,7 +127,7 @@ class Preparer:
                     request.prompt,
                     hits[i],
                     scorer=self.state.utility,
-                    threshold=self.state.tuner.current(),
+                    threshold=self.state.tuner.threshold,
                     max_examples=settings.selection.max_examples,
                     min_similarity=settings.selection.min_similarity,
                     duplicate_similarity=settings.selection.duplicate_similarity,
@@ -135,6 +135,8 @@ class Preparer:
                     token_budget=self.state.token_budget,
                     target_tier="small",
                     now=now,
+                    large_tier=settings.tgi.large_tier,
+                    tenant=request.tenant,
                 )
                 examples = [
                     ExampleRef(

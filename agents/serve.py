@@ -29,7 +29,7 @@ import numpy as np
 
 from agents.policy.prompt import build_messages
 from agents.policy.retrieval import Selected
-from agents.policy.routing import RouteDecision, choose_backend, context_features, fallback_backend
+from agents.policy.routing import RouteDecision, choose_backend, context_features, fallback_decision
 from infra.errors import BackendError, BackendTimeout, NoBackendAvailable
 from infra.protocols import Example, Generation, GenerationParams
 from infra.resources import Resources
@@ -92,8 +92,14 @@ class Server:
         except Exception:
             log.exception("router failed; bypassing to the least-loaded backend")
             self.res.metrics.bypass.labels("router_failed").inc()
-            return fallback_backend(
-                backends=self.state.backends, depths=depths, exclude=frozenset(exclude | open_circuits)
+            return fallback_decision(
+                self.state.backends,
+                depths,
+                now=now_mono,
+                stale_after_s=s.tgi.stale_after_s,
+                q0=s.routing.load_q0,
+                exclude=frozenset(exclude),
+                open_circuits=frozenset(open_circuits),
             )
 
     async def handle(self, prepared: PreparedRecord) -> None:
@@ -126,7 +132,7 @@ class Server:
             else np.zeros(s.milvus.dimension, dtype=np.float32)
         )
         selected = _selected(list(prepared.examples), s.milvus.dimension)
-        context = context_features(vector, selected)
+        context = context_features(vector, selected, prompt_text=request.prompt)
         exclude: set[str] = set()
         generation: Generation | None = None
         decision: RouteDecision | None = None
@@ -237,7 +243,7 @@ class Server:
         record = LogRecord(
             request=request,
             embedding=prepared.embedding,
-            examples=list(prepared.examples) if used else [],
+            examples=list(prepared.examples),
             route=route_info,
             reply=reply,
             generated_tokens=generation.generated_tokens,

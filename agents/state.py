@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import orjson
 
-from agents.policy.retrieval import ThresholdTuner, UtilityModel
 from agents.policy.routing import BackendView, CircuitBreaker, LinUCBBandit
+from agents.policy.utility import ThresholdTuner, UtilityModel
 from infra.settings import Settings
 
 __all__ = ["DecisionState", "RecentDecision", "ReplayQueue"]
@@ -87,24 +87,16 @@ class DecisionState:
 
     @classmethod
     def create(cls, settings: Settings) -> DecisionState:
-        backends = tuple(
-            BackendView(name=b.name, tier=b.tier, cost=b.cost, max_concurrency=b.max_concurrency)
-            for b in settings.tgi.backends
-        )
-        priors: dict[str, float] = {}
-        for b in settings.tgi.backends:
-            priors.setdefault(b.tier, b.quality_prior)
-        bandit = LinUCBBandit.create(
-            tiers=sorted(priors), priors=priors, large_tier=settings.tgi.large_tier, settings=settings.routing
+        backends = tuple(BackendView.from_settings(b) for b in settings.tgi.backends)
+        bandit = LinUCBBandit.from_settings(
+            settings.tgi.backends, settings.routing, large_tier=settings.tgi.large_tier
         )
         state = cls(
             settings=settings,
             bandit=bandit,
             utility=UtilityModel.default(),
-            tuner=ThresholdTuner(initial=settings.selection.utility_threshold),
-            breaker=CircuitBreaker(
-                failures_to_open=settings.tgi.circuit_failures, reset_s=settings.tgi.circuit_reset_s
-            ),
+            tuner=ThresholdTuner(threshold=settings.selection.utility_threshold),
+            breaker=CircuitBreaker(failures=settings.tgi.circuit_failures, reset_s=settings.tgi.circuit_reset_s),
             backends=backends,
         )
         state.load()
@@ -141,12 +133,14 @@ class DecisionState:
     def load(self) -> None:
         bandit_path, utility_path = self._paths()
         if bandit_path and bandit_path.is_file():
-            self.bandit = LinUCBBandit.from_dict(orjson.loads(bandit_path.read_bytes()))
+            self.bandit = LinUCBBandit.from_dict(
+                orjson.loads(bandit_path.read_bytes()), example_boost=self.settings.routing.example_boost
+            )
             log.info("router state loaded from %s", bandit_path)
         if utility_path and utility_path.is_file():
             data = orjson.loads(utility_path.read_bytes())
             self.utility = UtilityModel.from_dict(data["model"])
-            self.tuner = ThresholdTuner(initial=float(data.get("threshold", self.tuner.current())))
+            self.tuner = ThresholdTuner(threshold=float(data.get("threshold", self.tuner.threshold)))
             log.info("utility model loaded from %s", utility_path)
 
     def save(self) -> None:
@@ -154,7 +148,7 @@ class DecisionState:
         if bandit_path:
             _write_atomic(bandit_path, self.bandit.to_dict())
         if utility_path:
-            _write_atomic(utility_path, {"model": self.utility.to_dict(), "threshold": self.tuner.current()})
+            _write_atomic(utility_path, {"model": self.utility.to_dict(), "threshold": self.tuner.threshold})
         self.updates_since_save = 0
 
 

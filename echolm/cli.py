@@ -259,6 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    for noisy in ("httpx", "httpcore", "aiokafka", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     overrides: dict[str, Any] = {}
     if getattr(args, "role", None):
         overrides["worker"] = {"role": args.role}

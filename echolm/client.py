@@ -47,6 +47,7 @@ class Reply:
     tier: str = ""
     n_examples: int = 0
     timings_ms: dict[str, float] = field(default_factory=dict)
+    worker: str = ""
     latency_s: float = 0.0  # send -> reply, measured by this client
 
     @classmethod
@@ -63,6 +64,7 @@ class Reply:
             tier=str(data.get("tier", "")),
             n_examples=int(data.get("n_examples", 0)),
             timings_ms=dict(data.get("timings_ms") or {}),
+            worker=str(data.get("worker", "")),
             latency_s=latency_s,
         )
 

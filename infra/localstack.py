@@ -41,6 +41,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -354,6 +355,7 @@ class MilvusServer:
         command = [
             self._python, "-m", "infra.localstack", "milvus",
             "--port", str(self.port), "--dir", str(self.data_dir), "--parent-pid", str(os.getpid()),
+            "--start-timeout", str(self.start_timeout_s),
         ]  # fmt: skip
         self._log = self.log_path.open("ab")
         self._process = subprocess.Popen(  # noqa: ASYNC220 - fork/exec takes about 1 ms; waits are async
@@ -657,7 +659,62 @@ def _die_with_parent(parent_pid: int) -> None:
         raise SystemExit("parent already exited")
 
 
-def _serve_milvus(port: int, data_dir: Path, parent_pid: int) -> int:
+def _embedded_etcd_config(data_dir: Path) -> tuple[Path, int]:
+    """Write (or reuse) the embedded etcd's config with free 127.0.0.1 ports; return it and the client port.
+
+    Milvus 2.3.5's embedded etcd listens on localhost:2379 and :2380 whatever ``etcd.endpoints`` says,
+    so a second server on the same host dies at start (``GetEmbedEtcdClient``: nil pointer). A config
+    file named by ``ETCD_CONFIG_PATH`` moves both ports (Milvus's own standalone_embed.sh does the
+    same). Ports are kept per data folder while they stay free, so etcd's stored member URL holds.
+    """
+    path = data_dir / "configs" / "embed-etcd.yaml"
+    ports: list[int] = []
+    with contextlib.suppress(OSError, ValueError):
+        ports = [int(line.rsplit(":", 1)[1]) for line in path.read_text().splitlines() if "-urls:" in line][
+            :2
+        ]
+    if len(ports) != 2 or not all(port_is_free(p) for p in ports):
+        ports = [free_port(), free_port()]
+        while ports[1] == ports[0]:
+            ports[1] = free_port()
+    client, peer = ports
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        f"listen-client-urls: http://127.0.0.1:{client}\n"
+        f"listen-peer-urls: http://127.0.0.1:{peer}\n"
+        f"advertise-client-urls: http://127.0.0.1:{client}\n"
+        f"initial-advertise-peer-urls: http://127.0.0.1:{peer}\n"
+        f"initial-cluster: default=http://127.0.0.1:{peer}\n"
+    )
+    return path, client
+
+
+def _healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as reply:
+            return b"OK" in reply.read()
+    except (OSError, ValueError):
+        return False
+
+
+def _wait_healthy(
+    process: subprocess.Popen[bytes], web_port: int, stop: threading.Event, deadline: float, data_dir: Path
+) -> bool:
+    """True once /healthz says OK; False if asked to stop first; raises if the binary dies or times out."""
+    while not _healthy(web_port):
+        if process.poll() is not None:
+            raise RuntimeError(
+                f"the milvus binary exited with code {process.returncode}; see {data_dir / 'logs'}"
+            )
+        if stop.is_set():
+            return False
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the milvus binary was not healthy in time; see {data_dir / 'logs'}")
+        time.sleep(0.1)
+    return True
+
+
+def _serve_milvus(port: int, data_dir: Path, parent_pid: int, start_timeout_s: float) -> int:
     """Run the embedded Milvus server until SIGTERM/SIGINT, stdin EOF or parent death."""
     _die_with_parent(parent_pid)
     stop = threading.Event()
@@ -674,15 +731,25 @@ def _serve_milvus(port: int, data_dir: Path, parent_pid: int) -> int:
     from milvus import MilvusServer as EmbeddedMilvus
     from milvus import MilvusServerConfig
 
-    server = EmbeddedMilvus(MilvusServerConfig(data_dir=str(data_dir), proxy_port=port))
+    etcd_config, etcd_port = _embedded_etcd_config(data_dir)
+    # The only way to hand this to the milvus binary: MilvusServer.start() copies os.environ into the
+    # binary's environment and offers no other hook. This process exists only to run that server.
+    os.environ["ETCD_CONFIG_PATH"] = str(etcd_config)  # noqa: TID251
+    config = MilvusServerConfig(data_dir=str(data_dir), proxy_port=port, etcd_port=etcd_port)
+    server = EmbeddedMilvus(config, wait_for_started=False)
     ready_file = data_dir / "ready.json"
     began = time.monotonic()
     try:
-        server.start()  # blocks until /healthz says OK (plus 1 s)
+        server.start()  # spawns the binary; readiness is polled below, watching for a crash
+        process = server.server_proc
+        assert process is not None
+        if not _wait_healthy(process, server.webservice_port, stop, began + start_timeout_s, data_dir):
+            return 0
         info = {
             "uri": f"http://127.0.0.1:{port}",
             "supervisor_pid": os.getpid(),
-            "server_pid": server.server_proc.pid if server.server_proc else 0,
+            "server_pid": process.pid,
+            "etcd_port": etcd_port,
             "started_s": round(time.monotonic() - began, 2),
         }
         tmp = ready_file.with_suffix(".tmp")
@@ -696,7 +763,7 @@ def _serve_milvus(port: int, data_dir: Path, parent_pid: int) -> int:
     else:
         return 0
     finally:
-        server.stop()
+        server.stop()  # SIGTERM, then SIGKILL after 1 s
         ready_file.unlink(missing_ok=True)
 
 
@@ -709,9 +776,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     milvus.add_argument("--port", type=int, default=19530)
     milvus.add_argument("--dir", type=Path, required=True)
     milvus.add_argument("--parent-pid", type=int, default=0)
+    milvus.add_argument("--start-timeout", type=float, default=180.0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return _serve_milvus(args.port, args.dir.resolve(), args.parent_pid)
+    return _serve_milvus(args.port, args.dir.resolve(), args.parent_pid, args.start_timeout)
 
 
 if __name__ == "__main__":

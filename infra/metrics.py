@@ -13,7 +13,6 @@ __all__ = ["STAGES", "Metrics", "serve_metrics"]
 
 STAGES = ("parse", "embed", "retrieve", "select", "kafka_hop", "route", "generate", "emit", "total")
 _FAST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
-_SLOW = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
 
 
 class Metrics:
@@ -24,7 +23,7 @@ class Metrics:
             "Time spent per pipeline stage",
             ["stage"],
             registry=r,
-            buckets=_FAST + _SLOW[4:],
+            buckets=(*_FAST, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0),
         )
         self.requests = Counter(
             "echolm_requests_total", "Requests finished, by outcome", ["outcome"], registry=r

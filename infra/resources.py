@@ -64,13 +64,13 @@ async def _real_store(settings: Settings) -> VectorStore:
 async def _real_generators(settings: Settings) -> Mapping[str, Generator]:
     from .tgi import TGIGenerator
 
-    return {b.name: TGIGenerator(b, settings.tgi) for b in settings.tgi.backends}
+    return {b.name: TGIGenerator.from_settings(b, settings.tgi) for b in settings.tgi.backends}
 
 
 async def _real_probe(settings: Settings) -> QueueDepthProbe:
     from .tgi import TGIQueueProbe
 
-    probe = TGIQueueProbe(settings.tgi)
+    probe = TGIQueueProbe.from_settings(settings.tgi)
     await probe.start()
     return probe
 
@@ -134,6 +134,10 @@ class Resources(Service):
         await self._open_all()
         self._retry_task = asyncio.create_task(self._reopen_missing(), name="echolm-resources-retry")
         self.ready.set()
+        log.info(
+            "echolm resources ready: embedder=%s store=%s backends=%s",
+            "up" if self._state.embedder else "DOWN", "up" if self._state.store else "DOWN", sorted(self.generators),
+        )
 
     async def _open_all(self) -> None:
         s, f = self.settings, self.factories

@@ -153,9 +153,14 @@ class RoutingSettings(_Section):
     load_gamma: float = Field(0.5, ge=0, description="Steepness of tanh in the load penalty (gamma).")
     load_q0: float = Field(2.0, ge=0, description="Queue depth tolerated before any penalty (q0).")
     exploration: float = Field(0.1, ge=0, description="LinUCB exploration bonus (alpha).")
+    cost_weight: float = Field(
+        0.05, ge=0, description="Quality a tier may trail a costlier one by and still win (cost tie-break)."
+    )
     feedback_uncertainty: float = Field(0.1, ge=0, description="Arm score spread below which feedback is asked.")
     state_path: Path | None = None
-    example_boost: float = Field(0.1, ge=0, le=1, description="Prior quality gain per useful example (small tiers).")
+    example_boost: float = Field(
+        0.02, ge=0, le=1, description="Prior quality gain per extra example beyond the first (small tiers)."
+    )
 
 
 class ReplaySettings(_Section):

@@ -49,6 +49,7 @@ _SUMMARY_NAMES = (
 CONTEXT_NAMES: tuple[str, ...] = _SUMMARY_NAMES + tuple(f"query_{i}" for i in range(PROJECTION_DIM))
 CONTEXT_DIM = len(CONTEXT_NAMES)
 _EXAMPLES_INDEX = CONTEXT_NAMES.index("examples")
+_MAX_UTILITY_INDEX = CONTEXT_NAMES.index("max_utility")
 
 
 @lru_cache(maxsize=8)
@@ -181,9 +182,20 @@ class LinUCBBandit:
         return v
 
     def prior(self, tier: str, x: FloatArray) -> float:
+        """A tier's expected quality before any feedback.
+
+        For a non-large tier with examples, the prior closes the gap to the large tier's prior in
+        proportion to the best example's utility (the paper's observation: a small model shown a
+        near-duplicate request's large-model answer answers about as well as the large model), plus
+        ``example_boost`` for each further example. Feedback then corrects it per context.
+        """
         base = self.priors[tier]
         if tier != self.large_tier and self.dim == CONTEXT_DIM:
-            base += self.example_boost * round(float(x[_EXAMPLES_INDEX]) * EXAMPLES_SCALE)
+            n = round(float(x[_EXAMPLES_INDEX]) * EXAMPLES_SCALE)
+            if n > 0:
+                target = self.priors.get(self.large_tier, base)
+                utility = min(max(float(x[_MAX_UTILITY_INDEX]), 0.0), 1.0)
+                base += max(0.0, target - base) * utility + self.example_boost * (n - 1)
         return min(max(base, 0.0), 1.0)
 
     def _raw(self, tier: str, v: FloatArray) -> tuple[float, float]:

@@ -228,9 +228,13 @@ def choose_backend(
             max_cost=max_cost,
         )
 
+    tier_cost = {c.view.tier: c.view.cost for c in pool}
+
     def optimistic(tier: str) -> float:
+        # The cost term breaks near-ties toward the cheaper tier: within ``cost_weight`` of
+        # expected quality, serve the cheaper model (the point of offloading).
         e = estimates[tier]
-        return e.mean + settings.exploration * e.width
+        return e.mean + settings.exploration * e.width - settings.cost_weight * tier_cost[tier] / max_cost
 
     penalties = {c.view.name: penalty(c) for c in pool}
     scores = {c.view.name: optimistic(c.view.tier) - penalties[c.view.name] for c in pool}

@@ -32,9 +32,9 @@ from infra.settings import BackendSettings, RoutingSettings
 NOW = 1000.0
 SMALL = BackendView("small-0", "small", cost=1.0, max_concurrency=16)
 LARGE = BackendView("large-0", "large", cost=10.0, max_concurrency=16)
-# exploration 0 so the tables below read off the means directly
+# exploration 0 and no cost tie-break so the tables below read off the means directly
 ROUTING = RoutingSettings(
-    load_lambda=0.5, load_gamma=0.5, load_q0=2.0, exploration=0.0, feedback_uncertainty=0.1
+    load_lambda=0.5, load_gamma=0.5, load_q0=2.0, exploration=0.0, feedback_uncertainty=0.1, cost_weight=0.0
 )
 
 
@@ -99,7 +99,8 @@ def context(examples: int = 0, seed: int = 0) -> np.ndarray:
     return context_features(query, [selected_factory(0.9, 0.8)] * examples, prompt_tokens=50)
 
 
-@pytest.mark.parametrize(("examples", "small_prior"), [(0, 0.45), (1, 0.55), (3, 0.75), (10, 1.0)])
+# small prior = 0.45 + (0.8 - 0.45) * best utility (0.8) + 0.1 per example beyond the first
+@pytest.mark.parametrize(("examples", "small_prior"), [(0, 0.45), (1, 0.73), (3, 0.93), (10, 1.0)])
 def test_priors_with_example_boost(examples: int, small_prior: float) -> None:
     bandit = LinUCBBandit({"small": 0.45, "large": 0.8}, example_boost=0.1)
     est = bandit.expected(context(examples))
@@ -325,6 +326,13 @@ def test_feedback_is_asked_only_when_the_top_two_are_close(small_mean: float, as
         estimates(small_mean, 0.8), {"small-0": depth("small-0", 0), "large-0": depth("large-0", 0)}
     )
     assert decision.ask_feedback is ask
+
+
+@pytest.mark.parametrize(("small_mean", "expected_tier"), [(0.80, "small"), (0.76, "small"), (0.74, "large")])
+def test_cost_breaks_near_ties_toward_the_cheaper_tier(small_mean: float, expected_tier: str) -> None:
+    settings = ROUTING.model_copy(update={"cost_weight": 0.05})  # large (cost 10 of 10) pays 0.05, small 0.005
+    idle = {"small-0": depth("small-0", 0), "large-0": depth("large-0", 0)}
+    assert route(estimates(small_mean, 0.8), idle, settings=settings).tier == expected_tier
 
 
 def test_exploration_adds_the_width() -> None:
