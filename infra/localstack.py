@@ -84,11 +84,24 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a server could listen on ``port`` now. SO_REUSEADDR, as servers set it: connections
+    in TIME_WAIT (after a server was stopped) do not count as in use."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:
             return False
+    return True
+
+
+async def _wait_port_free(port: int, *, timeout_s: float) -> bool:
+    """A server that was just killed can hold its port for a moment."""
+    deadline = time.monotonic() + timeout_s
+    while not port_is_free(port):
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.1)
     return True
 
 
@@ -347,7 +360,7 @@ class MilvusServer:
             return
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._reap_leftover()
-        if not port_is_free(self.port):
+        if not await _wait_port_free(self.port, timeout_s=5.0):
             raise LocalStackError(
                 f"port {self.port} is in use: another Milvus (an earlier `echolm up`?) or another service "
                 "holds it; stop it, or set stack.milvus_port, or use stack.milvus='lite'"
@@ -423,6 +436,9 @@ class MilvusServer:
             )
             with contextlib.suppress(ProcessLookupError):
                 os.kill(binary, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while _alive(binary) and time.monotonic() < deadline:
+                time.sleep(0.05)  # its ports close when it is gone
         self.ready_file.unlink(missing_ok=True)
 
     async def __aenter__(self) -> Self:
@@ -436,13 +452,18 @@ class MilvusServer:
 
 
 def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie counts as gone: it holds no ports)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc (not Linux): trust kill(0)
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 def _cmdline(pid: int) -> str:
@@ -735,7 +756,22 @@ def _serve_milvus(port: int, data_dir: Path, parent_pid: int, start_timeout_s: f
     # The only way to hand this to the milvus binary: MilvusServer.start() copies os.environ into the
     # binary's environment and offers no other hook. This process exists only to run that server.
     os.environ["ETCD_CONFIG_PATH"] = str(etcd_config)  # noqa: TID251
-    config = MilvusServerConfig(data_dir=str(data_dir), proxy_port=port, etcd_port=etcd_port)
+
+    class _Config(MilvusServerConfig):  # type: ignore[misc]
+        def try_bind_port(self, port: int) -> socket.socket | None:
+            """The wheel probes ports without SO_REUSEADDR, so a port restarted within a minute
+            (TIME_WAIT) looks taken; the milvus binary itself (Go) can bind it."""
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(("127.0.0.1", port))
+                sock.listen()
+            except OSError:
+                sock.close()
+                return None
+            return sock
+
+    config = _Config(data_dir=str(data_dir), proxy_port=port, etcd_port=etcd_port)
     server = EmbeddedMilvus(config, wait_for_started=False)
     ready_file = data_dir / "ready.json"
     began = time.monotonic()
