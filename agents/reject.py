@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import faust
 
-from infra.errors import ServiceError
+from infra.errors import ServiceError, UnknownReplyTopic
 from infra.resources import Resources
 from streams.records import DeadLetterRecord, ErrorInfo, ReplyRecord, decode_object, reply_address
 from streams.topology import Topics
@@ -88,6 +88,9 @@ class Rejecter:
             )
         except ServiceError:
             address = None
+        if address is not None and isinstance(exc, UnknownReplyTopic):
+            # the named topic does not exist: tell the client on the default reply topic instead
+            address = replace(address, reply_topic=settings.topic("replies"))
         log.warning(
             "rejected %s[%d]@%d: %s (%s)",
             coords.topic,

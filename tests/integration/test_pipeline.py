@@ -107,9 +107,14 @@ async def test_fifty_requests_two_tenants_end_to_end(pipeline_factory: PipelineF
 
 
 async def _hold_queue(url: str, n: int, tokens: int) -> list[asyncio.Task[httpx.Response]]:
-    client = httpx.AsyncClient(timeout=120)
-    body = {"inputs": "Tell me a very long story about the sea.", "parameters": {"max_new_tokens": tokens}}
-    tasks = [asyncio.create_task(client.post(f"{url}/generate", json=body)) for _ in range(n)]
+    """Fill a backend's queue with real work: n long generations sent straight to it."""
+    client = httpx.AsyncClient(timeout=300)
+    body = {
+        "messages": [{"role": "user", "content": "Write a very long story about a ship lost at sea."}],
+        "max_tokens": tokens,
+        "temperature": 0,
+    }
+    tasks = [asyncio.create_task(client.post(f"{url}/v1/chat/completions", json=body)) for _ in range(n)]
     tasks[-1].add_done_callback(lambda _: asyncio.ensure_future(client.aclose()))
     return tasks
 
