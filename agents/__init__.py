@@ -33,6 +33,7 @@ def register_agents(
     from .admit import register_admit
     from .learn import register_learn
     from .maintenance import register_maintenance
+    from .models import register_model_sync
     from .prepare import register_prepare
     from .replay import register_replay
     from .serve import register_serve
@@ -54,3 +55,4 @@ def register_agents(
     resources.decision_state = state
     for name in names:
         registry[name](app, topics, resources, state)
+    register_model_sync(app, topics, resources, state)  # every worker routes with the shared bandit

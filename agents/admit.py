@@ -9,8 +9,10 @@ Merge rules per example id (``sha256(tenant, normalised request)``):
     * origin ``serve``: insert when absent; an existing entry keeps its answer and statistics;
     * origin ``replay``: replace the answer and quality, bump ``replay_rounds``, keep statistics;
     * origin ``import``: overwrite (an operator's warm start is authoritative);
-    * small-tier replies that used examples credit each example one offload (eviction value) and
-      update its replay gain G(e) (EMA), then queue it for replay.
+    * every served request that selected an example updates the example's replay gain G(e) (an EMA
+      of (1 - quality) x normalised large-tier cost: in demand but weak answers are worth replaying)
+      and queues it for replay; small-tier replies that used it also credit it one offload (its
+      eviction value).
 
 Error policy: Milvus unavailable -> wait and retry the same batch (the log is durable and the offsets
 are not committed until the batch is applied); nothing is skipped.
@@ -74,13 +76,16 @@ async def apply_log_records(
     max_cost = max(b.cost for b in settings.tgi.backends)
     tier_cost = {b.tier: b.cost for b in settings.tgi.backends}
     candidates: dict[tuple[str, str], tuple[LogRecord, Example]] = {}
-    credits: dict[tuple[str, str], int] = {}
+    uses: dict[tuple[str, str], int] = {}  # times selected for a served request (demand: replay gain)
+    credits: dict[tuple[str, str], int] = {}  # times it let a cheaper tier answer (offloads: eviction value)
     for record in records:
         reply = record.reply
-        if record.origin == "serve" and reply.ok and reply.tier != large and record.examples:
+        if record.origin == "serve" and reply.ok and record.examples:
             for ref in record.examples:
                 key = (record.request.tenant, ref.example_id)
-                credits[key] = credits.get(key, 0) + 1
+                uses[key] = uses.get(key, 0) + 1
+                if reply.tier != large:
+                    credits[key] = credits.get(key, 0) + 1
         decision = decide_admission(
             tier=reply.tier,
             large_tier=large,
@@ -95,7 +100,7 @@ async def apply_log_records(
         ex = example_from_log(record, now=now)
         candidates[(ex.tenant, ex.example_id)] = (record, ex)
 
-    keys = set(candidates) | set(credits)
+    keys = set(candidates) | set(uses)
     by_tenant: dict[str, list[str]] = {}
     for tenant, eid in keys:
         by_tenant.setdefault(tenant, []).append(eid)
@@ -119,25 +124,24 @@ async def apply_log_records(
                 updated_at=now,
             )
             counts["replaced"] += 1
-    for key, n in credits.items():
+    for key, n in uses.items():
         base = writes.get(key) or existing.get(key)
         if base is None:
             continue  # evicted since it was selected
-        for _ in range(n):
+        for _ in range(credits.get(key, 0)):
             base = credit_offload(
                 base, success=True, now=now, decay_per_hour=settings.replay.value_decay_per_hour
             )
         cost = tier_cost.get(large, max_cost)
-        base = replace(
-            base,
-            gain=update_gain(
-                base.gain, quality=base.quality, cost=cost, max_cost=max_cost, ema=settings.replay.gain_ema
-            ),
-        )
-        writes[key] = base
+        gain = base.gain
+        for _ in range(n):
+            gain = update_gain(
+                gain, quality=base.quality, cost=cost, max_cost=max_cost, ema=settings.replay.gain_ema
+            )
+        writes[key] = replace(base, gain=gain)
         counts["credited"] += 1
         if state is not None:
-            state.replay_queue.push(key[0], key[1], base.gain)
+            state.replay_queue.push(key[0], key[1], gain)
     if writes:
         await store.upsert(list(writes.values()))
     return counts

@@ -4,9 +4,9 @@
   examples used) in a bounded in-memory map; the log and feedback topics are both keyed by tenant
   and have the same partition count, so faust assigns a tenant's log and feedback partitions to the
   same worker (co-partitioning) and the join is local.
-* ``echolm.learn-feedback`` looks the decision up, updates the router's bandit with the reward,
-  adds (example features, reward) rows to the utility model's training set and tells the
-  threshold tuner. A timer retrains the utility model and checkpoints both models to disk.
+* ``echolm.learn-feedback`` looks the decision up and publishes a ``ModelUpdateRecord`` (tier,
+  bandit context, reward, example features) to ``model-updates``, which every worker applies
+  (agents/models.py), so all workers route with the same learned bandit.
 
 Feedback for a request this worker never saw (older than the map, or before a restart) is
 counted as ``unjoined`` and dropped; it carries no decision to learn from.
@@ -14,6 +14,7 @@ counted as ``unjoined`` and dropped; it carries no decision to learn from.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -24,7 +25,7 @@ from agents.policy.retrieval import candidate_features
 from infra.protocols import Example, SearchHit
 from infra.resources import Resources
 from streams.codecs import decode_vector
-from streams.records import FeedbackRecord, LogRecord
+from streams.records import FeedbackRecord, LogRecord, ModelUpdateRecord
 from streams.topology import Topics
 
 from .state import DecisionState, RecentDecision
@@ -32,6 +33,7 @@ from .state import DecisionState, RecentDecision
 __all__ = ["register_learn"]
 
 log = logging.getLogger(__name__)
+_JOIN_WAIT_STEPS = 20  # up to 2 s for a request's log record to arrive after its feedback
 
 
 def decision_from_log(record: LogRecord, dim: int, large_tier: str) -> RecentDecision | None:
@@ -56,6 +58,7 @@ def decision_from_log(record: LogRecord, dim: int, large_tier: str) -> RecentDec
             ),
             target_tier=record.route.tier,
             now=now,
+            large_tier=large_tier,
         )
         for ref in record.examples
     )
@@ -85,22 +88,25 @@ def register_learn(app: faust.App, topics: Topics, res: Resources, state: Decisi
     async def learn_feedback(stream: faust.StreamT[FeedbackRecord]) -> None:
         async for fb in stream:
             decision = state.recent.get(fb.request_id)
+            for _ in range(_JOIN_WAIT_STEPS):  # the log record may trail the feedback by a moment
+                if decision is not None:
+                    break
+                await asyncio.sleep(0.1)
+                decision = state.recent.get(fb.request_id)
             if decision is None:
                 metrics.feedback.labels("unjoined").inc()
                 continue
             reward = float(min(1.0, max(0.0, fb.score)))
-            state.bandit.update(decision.tier, decision.context, reward)
-            for features, utility in zip(decision.example_features, decision.utilities, strict=True):
-                state.add_training(features, reward)
-                state.tuner.observe(utility, reward >= 0.5)
-            state.updates_since_save += 1
+            update = ModelUpdateRecord(
+                request_id=fb.request_id,
+                tier=decision.tier,
+                context=[float(v) for v in decision.context],
+                reward=reward,
+                example_features=[[float(v) for v in f] for f in decision.example_features],
+                utilities=list(decision.utilities),
+                worker=res.worker_id,
+                at=time.time(),
+            )
+            fut = await topics.model_updates.send(key=fb.tenant, value=update)
+            await fut
             metrics.feedback.labels("joined").inc()
-
-    @app.timer(5.0, name="echolm.learn-checkpoint")
-    async def checkpoint() -> None:
-        if state.updates_since_save == 0:
-            return
-        state.tuner.tune()
-        if state.retrain_utility():
-            log.info("utility model retrained on %d rows", len(state.training_y))
-        state.save()

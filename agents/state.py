@@ -84,6 +84,7 @@ class DecisionState:
     token_budget: int = 1024
     recent_capacity: int = 50_000
     updates_since_save: int = 0
+    applied_offset: int = -1  # last model-updates offset applied (saved with the checkpoint)
 
     @classmethod
     def create(cls, settings: Settings) -> DecisionState:
@@ -96,7 +97,9 @@ class DecisionState:
             bandit=bandit,
             utility=UtilityModel.default(),
             tuner=ThresholdTuner(threshold=settings.selection.utility_threshold),
-            breaker=CircuitBreaker(failures=settings.tgi.circuit_failures, reset_s=settings.tgi.circuit_reset_s),
+            breaker=CircuitBreaker(
+                failures=settings.tgi.circuit_failures, reset_s=settings.tgi.circuit_reset_s
+            ),
             backends=backends,
         )
         state.load()
@@ -133,9 +136,11 @@ class DecisionState:
     def load(self) -> None:
         bandit_path, utility_path = self._paths()
         if bandit_path and bandit_path.is_file():
+            data = orjson.loads(bandit_path.read_bytes())
             self.bandit = LinUCBBandit.from_dict(
-                orjson.loads(bandit_path.read_bytes()), example_boost=self.settings.routing.example_boost
+                data["bandit"], example_boost=self.settings.routing.example_boost
             )
+            self.applied_offset = int(data.get("applied_offset", -1))
             log.info("router state loaded from %s", bandit_path)
         if utility_path and utility_path.is_file():
             data = orjson.loads(utility_path.read_bytes())
@@ -146,7 +151,9 @@ class DecisionState:
     def save(self) -> None:
         bandit_path, utility_path = self._paths()
         if bandit_path:
-            _write_atomic(bandit_path, self.bandit.to_dict())
+            _write_atomic(
+                bandit_path, {"bandit": self.bandit.to_dict(), "applied_offset": self.applied_offset}
+            )
         if utility_path:
             _write_atomic(utility_path, {"model": self.utility.to_dict(), "threshold": self.tuner.threshold})
         self.updates_since_save = 0

@@ -32,6 +32,7 @@ __all__ = [
     "ExampleRef",
     "FeedbackRecord",
     "LogRecord",
+    "ModelUpdateRecord",
     "PreparedRecord",
     "ReplyRecord",
     "RequestRecord",
@@ -151,6 +152,20 @@ class FeedbackRecord(faust.Record, namespace="echolm.Feedback.v1", serializer=OR
     tenant: str
     score: float
     preferred_over: str = ""  # request_id of the reply this one was preferred to, if pairwise
+    at: float = 0.0
+    version: int = SCHEMA_VERSION
+
+
+class ModelUpdateRecord(faust.Record, namespace="echolm.ModelUpdate.v1", serializer=ORJSON_CODEC):
+    """One learned outcome (a feedback joined to its decision), applied by every worker in order."""
+
+    request_id: str
+    tier: str
+    context: list[float]
+    reward: float
+    example_features: list[list[float]] = []  # noqa: RUF012
+    utilities: list[float] = []  # noqa: RUF012
+    worker: str = ""
     at: float = 0.0
     version: int = SCHEMA_VERSION
 

@@ -8,6 +8,7 @@
     echolm.log        LogRecord              -> admit, replay, feedback join, cache rebuild
     echolm.feedback   FeedbackRecord         -> feedback (bandit and utility-model updates)
     echolm.deadletter DeadLetterRecord       -> operators (bad input with its coordinates)
+    echolm.model-updates ModelUpdateRecord   -> every worker (learned router/utility updates, 1 partition)
 
 Requests and prepared records are keyed by request id, so partitions spread load evenly;
 the log is keyed by tenant so one tenant's history is ordered.
@@ -22,11 +23,19 @@ import faust
 
 from infra.settings import Settings
 
-from .records import DeadLetterRecord, FeedbackRecord, LogRecord, PreparedRecord, ReplyRecord
+from .records import (
+    DeadLetterRecord,
+    FeedbackRecord,
+    LogRecord,
+    ModelUpdateRecord,
+    PreparedRecord,
+    ReplyRecord,
+)
 
 __all__ = ["TOPIC_NAMES", "Topics", "declare_topics", "topic_specs"]
 
-TOPIC_NAMES = ("requests", "prepared", "replies", "log", "feedback", "deadletter")
+TOPIC_NAMES = ("requests", "prepared", "replies", "log", "feedback", "deadletter", "model-updates")
+_SINGLE_PARTITION = frozenset({"deadletter", "model-updates"})
 
 
 @dataclass(frozen=True)
@@ -37,6 +46,7 @@ class Topics:
     log: faust.TopicT
     feedback: faust.TopicT
     deadletter: faust.TopicT
+    model_updates: faust.TopicT
 
     def reply_topic(self, app: faust.App, name: str) -> faust.TopicT:
         """The reply topic a request named (already validated by records.reply_topic_allowed)."""
@@ -48,7 +58,7 @@ class Topics:
 def topic_specs(settings: Settings) -> dict[str, int]:
     """Topic name -> partitions, for creating topics up front (auto-create gives the wrong count)."""
     p = settings.kafka.partitions
-    return {settings.topic(n): (1 if n == "deadletter" else p) for n in TOPIC_NAMES}
+    return {settings.topic(n): (1 if n in _SINGLE_PARTITION else p) for n in TOPIC_NAMES}
 
 
 def declare_topics(app: faust.App, settings: Settings) -> Topics:
@@ -67,4 +77,5 @@ def declare_topics(app: faust.App, settings: Settings) -> Topics:
         log=topic("log", key_type=str, value_type=LogRecord),
         feedback=topic("feedback", key_type=str, value_type=FeedbackRecord),
         deadletter=topic("deadletter", key_type=str, value_type=DeadLetterRecord),
+        model_updates=topic("model-updates", key_type=str, value_type=ModelUpdateRecord),
     )

@@ -49,11 +49,11 @@ class Pipeline:
     async def add_worker(self, role: str | None = None, **overrides: Any) -> WorkerProcess:
         settings = self.settings
         if overrides:
-            settings = settings.model_copy(
-                update={"worker": settings.worker.model_copy(update=overrides)}
-            )
+            settings = settings.model_copy(update={"worker": settings.worker.model_copy(update=overrides)})
         n = len(self.workers)
-        proc = WorkerProcess(settings, log_path=self.log_dir / f"worker-{n}.log", role=role, name=f"worker-{n}")
+        proc = WorkerProcess(
+            settings, log_path=self.log_dir / f"worker-{n}.log", role=role, name=f"worker-{n}"
+        )
         proc.start()
         self.workers.append(proc)
         await proc.wait_ready()
@@ -67,9 +67,7 @@ PipelineFactory = Callable[..., Awaitable[Pipeline]]
 
 
 @pytest.fixture
-async def pipeline_factory(
-    local_stack: LocalStack, tmp_path: Path
-) -> AsyncIterator[PipelineFactory]:
+async def pipeline_factory(local_stack: LocalStack, tmp_path: Path) -> AsyncIterator[PipelineFactory]:
     made: list[Pipeline] = []
 
     async def make(workers: int = 1, *, partitions: int = 4, **sections: dict[str, Any]) -> Pipeline:

@@ -157,9 +157,7 @@ async def test_routing_follows_live_queue_depth(pipeline_factory: PipelineFactor
 async def test_two_workers_share_the_request_partitions(pipeline_factory: PipelineFactory) -> None:
     pipeline = await pipeline_factory(workers=2)
     async with EchoClient(pipeline.settings) as client:
-        ids = [
-            await client.send(f"Say the number {i}.", tenant="acme", max_new_tokens=4) for i in range(24)
-        ]
+        ids = [await client.send(f"Say the number {i}.", tenant="acme", max_new_tokens=4) for i in range(24)]
         replies = [r async for r in _take(client, len(ids))]
     assert {r.request_id for r in replies} == set(ids)
     workers = {r.worker for r in replies}
@@ -180,23 +178,46 @@ async def test_bad_input_gets_error_replies_and_dead_letters(pipeline_factory: P
     settings = pipeline.settings
     bad: list[tuple[bytes, str, str | None]] = [  # raw value, expected error code, request id for a reply
         (b"\x00\xffnot json at all", "decode_error", None),
-        (orjson.dumps({"request_id": "bad-schema", "tenant": "acme", "prompt": 42}), "schema_error", "bad-schema"),
+        (
+            orjson.dumps({"request_id": "bad-schema", "tenant": "acme", "prompt": 42}),
+            "schema_error",
+            "bad-schema",
+        ),
         (orjson.dumps({"request_id": "bad-missing", "tenant": "acme"}), "schema_error", "bad-missing"),
-        (orjson.dumps({"request_id": "bad-empty", "tenant": "acme", "prompt": "  "}), "limit_exceeded", "bad-empty"),
         (
-            orjson.dumps({"request_id": "bad-huge", "tenant": "acme", "prompt": "x" * (settings.limits.max_prompt_chars + 1)}),
-            "limit_exceeded", "bad-huge",
+            orjson.dumps({"request_id": "bad-empty", "tenant": "acme", "prompt": "  "}),
+            "limit_exceeded",
+            "bad-empty",
         ),
         (
-            orjson.dumps({
-                "request_id": "bad-topic", "tenant": "acme", "prompt": "hi",
-                "reply_topic": settings.topic("replies") + ".nobody-created-this",
-            }),
-            "unknown_reply_topic", "bad-topic",
+            orjson.dumps(
+                {
+                    "request_id": "bad-huge",
+                    "tenant": "acme",
+                    "prompt": "x" * (settings.limits.max_prompt_chars + 1),
+                }
+            ),
+            "limit_exceeded",
+            "bad-huge",
         ),
         (
-            orjson.dumps({"request_id": "bad-forged", "tenant": "acme", "prompt": "hi", "reply_topic": "other.topic"}),
-            "forbidden_reply_topic", "bad-forged",
+            orjson.dumps(
+                {
+                    "request_id": "bad-topic",
+                    "tenant": "acme",
+                    "prompt": "hi",
+                    "reply_topic": settings.topic("replies") + ".nobody-created-this",
+                }
+            ),
+            "unknown_reply_topic",
+            "bad-topic",
+        ),
+        (
+            orjson.dumps(
+                {"request_id": "bad-forged", "tenant": "acme", "prompt": "hi", "reply_topic": "other.topic"}
+            ),
+            "forbidden_reply_topic",
+            "bad-forged",
         ),
     ]
     async with EchoClient(settings) as client:
@@ -239,5 +260,3 @@ async def _read_all(settings: Settings, topic: str, *, expected: int, timeout_s:
         return out
     finally:
         await consumer.stop()
-
-

@@ -1,0 +1,216 @@
+"""Helpers for the fault, isolation and fuzz tests: emulated and real dev TGI backends the tests own
+(so a test can kill, freeze or restart them without touching the session stack), workers started
+concurrently, reply collection, and whole-topic reads.
+
+Nothing here starts anything at import; every process started is stopped by the caller's context
+manager or by ``Pipeline.stop`` (workers are appended to ``pipeline.workers``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from echolm.client import EchoClient, Reply
+from infra.kafka import kafka_client_kwargs
+from infra.localstack import free_port
+from infra.settings import BackendSettings, Settings
+from infra.tgi_dev.process import DevServerProcess
+from infra.workers import WorkerProcess
+
+from .conftest import Pipeline
+
+__all__ = [
+    "OwnedBackend",
+    "backends_section",
+    "collect_replies",
+    "owned_backends",
+    "read_topic",
+    "shutdown_counts",
+    "start_workers",
+    "worker_pid",
+]
+
+# A fast emulated backend: about 2 ms to first token, 1 ms per further token.
+FAST = {"prefill_ms_per_token": 0.1, "decode_ms_per_token": 1.0, "batch_slowdown": 0.0}
+
+
+@dataclass
+class OwnedBackend:
+    """One dev TGI server a test owns, on a fixed port so it can be restarted in place."""
+
+    name: str
+    tier: str
+    engine: Literal["llama", "emulated"] = "emulated"
+    service: dict[str, float] = field(default_factory=lambda: dict(FAST))
+    max_concurrent_requests: int = 128
+    max_batch_size: int = 8
+    cost: float = 1.0
+    quality_prior: float = 0.5
+    log_dir: Path = Path()
+    port: int = field(default_factory=free_port)
+    server: DevServerProcess | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def settings(self) -> BackendSettings:
+        return BackendSettings(
+            name=self.name, url=self.url, tier=self.tier, cost=self.cost, quality_prior=self.quality_prior
+        )
+
+    def _process(self) -> DevServerProcess:
+        args: list[str] = []
+        if self.engine == "emulated":
+            for key, value in self.service.items():
+                args += [f"--{key.replace('_', '-')}", str(value)]
+        return DevServerProcess(
+            port=self.port,
+            engine=self.engine,
+            model_id=f"{self.tier}:{self.name}",
+            max_concurrent_requests=self.max_concurrent_requests,
+            max_batch_size=self.max_batch_size if self.engine == "emulated" else 1,
+            extra_args=args,
+            log_path=self.log_dir / f"tgi-{self.name}.log",
+        )
+
+    async def start(self) -> None:
+        if self.server is not None and self.server.running:
+            return
+        # A server killed a moment ago may leave its port in TIME_WAIT; the dev server binds with
+        # SO_REUSEADDR, so restarting on the same port works at once.
+        self.server = self._process()
+        self.server.start(wait=False)
+        await self.server.wait_ready_async()
+
+    def kill(self) -> None:
+        """SIGKILL: the process dies at once, connections are reset."""
+        if self.server is not None and self.server.pid is not None and self.server.running:
+            os.kill(self.server.pid, signal.SIGKILL)
+            self.server.stop()  # reaps it
+
+    def freeze(self) -> None:
+        """SIGSTOP: the process stops answering anything (a GC pause, a frozen VM) but keeps its port."""
+        assert self.server is not None and self.server.pid is not None
+        os.kill(self.server.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.server is not None and self.server.pid is not None
+        os.kill(self.server.pid, signal.SIGCONT)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            with contextlib.suppress(ProcessLookupError):
+                if self.server.pid is not None and self.server.running:
+                    os.kill(self.server.pid, signal.SIGCONT)  # a frozen server cannot handle SIGTERM
+            await self.server.astop()
+
+
+@contextlib.asynccontextmanager
+async def owned_backends(backends: Sequence[OwnedBackend], log_dir: Path) -> AsyncIterator[None]:
+    for backend in backends:
+        backend.log_dir = log_dir
+    try:
+        await asyncio.gather(*(b.start() for b in backends))
+        yield
+    finally:
+        await asyncio.gather(*(b.stop() for b in backends), return_exceptions=True)
+
+
+def backends_section(backends: Iterable[OwnedBackend | BackendSettings], **tgi: Any) -> dict[str, Any]:
+    """The ``tgi`` settings section for ``pipeline_factory`` with these backends."""
+    views = [b.settings() if isinstance(b, OwnedBackend) else b for b in backends]
+    return {"backends": [b.model_dump(mode="json") for b in views], **tgi}
+
+
+async def start_workers(pipeline: Pipeline, n: int, **worker: Any) -> list[WorkerProcess]:
+    """Start ``n`` workers at once (each loads the embedding model: about 10 s on 2 cores)."""
+    settings = pipeline.settings
+    if worker:
+        settings = settings.model_copy(update={"worker": settings.worker.model_copy(update=worker)})
+    started = []
+    for _ in range(n):
+        index = len(pipeline.workers)
+        proc = WorkerProcess(
+            settings, log_path=pipeline.log_dir / f"worker-{index}.log", name=f"worker-{index}"
+        )
+        proc.start()
+        pipeline.workers.append(proc)
+        started.append(proc)
+    await asyncio.gather(*(p.wait_ready() for p in started))
+    return started
+
+
+def worker_pid(reply: Reply) -> int:
+    """The pid part of ``Reply.worker`` (``host:pid``)."""
+    return int(reply.worker.rsplit(":", 1)[1])
+
+
+async def collect_replies(
+    client: EchoClient, expected: set[str], *, timeout_s: float, into: dict[str, Reply] | None = None
+) -> dict[str, Reply]:
+    """Replies to ``expected`` (sent with ``send``) until all arrived or ``timeout_s`` passed."""
+    got = into if into is not None else {}
+    deadline = time.monotonic() + timeout_s
+    while not expected <= got.keys():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        async for reply in client.replies(timeout=min(left, 1.0)):
+            got[reply.request_id] = reply
+            if expected <= got.keys():
+                break
+    return got
+
+
+async def read_topic(settings: Settings, topic: str) -> list[dict[str, Any]]:
+    """Every value on ``topic`` now (JSON-decoded), partition by partition."""
+    consumer = AIOKafkaConsumer(**kafka_client_kwargs(settings), group_id=None, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        partitions = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        if not tps:
+            return []
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        out: list[dict[str, Any]] = []
+        remaining = {tp for tp in tps if ends[tp] > 0}
+        deadline = time.monotonic() + 60
+        while remaining and time.monotonic() < deadline:
+            batch = await consumer.getmany(*remaining, timeout_ms=500)
+            for tp, messages in batch.items():
+                out.extend(orjson.loads(m.value) for m in messages if m.value)
+            for tp in list(remaining):
+                if await consumer.position(tp) >= ends[tp]:
+                    remaining.discard(tp)
+        return out
+    finally:
+        await consumer.stop()
+
+
+def per_id(values: Iterable[dict[str, Any]], key: str = "request_id") -> Counter[str]:
+    return Counter(str(v.get(key, "")) for v in values)
+
+
+_SHUTDOWN = re.compile(r"shutdown on SIG\w+: (\d+) in flight at signal, (\d+) drained, (\d+) abandoned")
+
+
+def shutdown_counts(log_text: str) -> tuple[int, int, int] | None:
+    """(in flight, drained, abandoned) from a worker's graceful-shutdown log line."""
+    match = _SHUTDOWN.search(log_text)
+    return (int(match[1]), int(match[2]), int(match[3])) if match else None
