@@ -22,7 +22,7 @@ ENV_MILVUS_URI = "ECHOLM_TEST_MILVUS_URI"
 
 @pytest.fixture(scope="session")
 async def milvus_server_uri(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
-    given = os.environ.get(ENV_MILVUS_URI)  # noqa: TID251 - test-only switch, not service configuration
+    given = os.environ.get(ENV_MILVUS_URI)  # a test-only switch
     if given:
         yield given
         return

@@ -31,7 +31,9 @@ def unit(*weights: float) -> npt.NDArray[np.float32]:
     return (v / np.linalg.norm(v)).astype(np.float32)
 
 
-def example(example_id: str, tenant: str = "acme", vector: npt.NDArray[np.float32] | None = None, **kw: object) -> Example:
+def example(
+    example_id: str, tenant: str = "acme", vector: npt.NDArray[np.float32] | None = None, **kw: object
+) -> Example:
     fields: dict[str, object] = {
         "request": f"question {example_id}",
         "response": f"answer {example_id}",
@@ -43,10 +45,12 @@ def example(example_id: str, tenant: str = "acme", vector: npt.NDArray[np.float3
 
 @pytest.fixture(params=STORES)
 def store_uri(request: pytest.FixtureRequest) -> str:
-    """"fake", or the URI of the real back-end (a sync fixture: it may start the session's server)."""
+    """ "fake", or the URI of the real back-end (a sync fixture: it may start the session's server)."""
     if request.param == "fake":
         return "fake"
-    return str(request.getfixturevalue("milvus_lite_uri" if request.param == "milvus-lite" else "milvus_server_uri"))
+    return str(
+        request.getfixturevalue("milvus_lite_uri" if request.param == "milvus-lite" else "milvus_server_uri")
+    )
 
 
 @pytest.fixture
@@ -58,21 +62,23 @@ async def store(store_uri: str, collection_name: str) -> AsyncIterator[VectorSto
         return
     from infra.milvus import MilvusExampleStore
 
-    real = MilvusExampleStore(MilvusSettings(uri=store_uri, dimension=DIM, collection=collection_name))
+    settings = MilvusSettings(uri=store_uri, dimension=DIM, collection=collection_name)
+    real = MilvusExampleStore(settings)
     await real.ensure_collection()
     try:
         yield real
     finally:
-        await real.drop()
-        await real.aclose()
+        await real.aclose()  # the test may have closed it already: drop through a fresh client
+        async with MilvusExampleStore(settings) as cleanup:
+            await cleanup.drop()
 
 
 class TestVectorStoreContract:
     async def test_upsert_then_get_round_trips_every_field(self, store: VectorStore) -> None:
         original = example(
             "e1", request="héllo wörld", response="ответ", model_tier="small", quality=0.7, gain=0.125,
-            offloads=3.5, replay_rounds=2, created_at=1_700_000_000.25, updated_at=1_700_000_100.5, usable=False,
-            vector=unit(0.3, 0.4, 0.5),
+            offloads=3.5, replay_rounds=2, created_at=1_700_000_000.25, updated_at=1_700_000_100.5,
+            usable=False, vector=unit(0.3, 0.4, 0.5),
         )  # fmt: skip
         await store.upsert([original])
         [got] = await store.get("acme", ["e1"])
@@ -127,7 +133,9 @@ class TestVectorStoreContract:
             await store.search("", unit(1.0)[None, :], limit=1)
 
     async def test_search_skips_unusable_unless_asked(self, store: VectorStore) -> None:
-        await store.upsert([example("ok", vector=unit(1.0, 0.5)), example("bad", vector=unit(1.0), usable=False)])
+        await store.upsert(
+            [example("ok", vector=unit(1.0, 0.5)), example("bad", vector=unit(1.0), usable=False)]
+        )
         [hits] = await store.search("acme", unit(1.0)[None, :], limit=5)
         assert [h.example.example_id for h in hits] == ["ok"]
         [hits] = await store.search("acme", unit(1.0)[None, :], limit=5, include_unusable=True)
@@ -162,7 +170,7 @@ class TestVectorStoreContract:
         await store.upsert([example("q1", tenant="zeta"), example("q0", tenant="zeta", usable=False)])
         scanned = await store.scan("acme", batch_size=3)
         assert [e.example_id for e in scanned] == sorted(ids)
-        assert [e.example_id for e in await store.scan(batch_size=2)] == [*sorted(ids), "q0", "q1"]
+        assert [e.example_id for e in await store.scan(batch_size=2)] == sorted([*ids, "q0", "q1"])
         assert await store.scan("nobody") == []
 
     async def test_count(self, store: VectorStore) -> None:
@@ -179,7 +187,7 @@ class TestVectorStoreContract:
         assert [e.example_id for e in await store.scan()] == ["fits"]
 
     async def test_wrong_dimension_is_a_configuration_error(self, store: VectorStore) -> None:
-        with pytest.raises(ValueError, match="dimension|shape|-d"):
+        with pytest.raises(ValueError, match=r"dimension|shape|-d"):
             await store.upsert([example("w", vector=np.ones(DIM + 1, dtype=np.float32))])
         with pytest.raises(ValueError, match="shape"):
             await store.search("acme", np.ones((1, DIM - 1), dtype=np.float32), limit=1)
@@ -192,11 +200,18 @@ class TestVectorStoreContract:
 
 
 @pytest.mark.integration
-async def test_lite_and_server_capabilities(milvus_lite_uri: str, milvus_server_uri: str, collection_name: str) -> None:
+async def test_lite_and_server_capabilities(
+    milvus_lite_uri: str, milvus_server_uri: str, collection_name: str
+) -> None:
     from infra.milvus import MilvusExampleStore
 
-    for uri, backend, partition_key in ((milvus_lite_uri, "lite", True), (milvus_server_uri, "server", False)):
-        async with MilvusExampleStore(MilvusSettings(uri=uri, dimension=DIM, collection=collection_name)) as store:
+    for uri, backend, partition_key in (
+        (milvus_lite_uri, "lite", True),
+        (milvus_server_uri, "server", False),
+    ):
+        async with MilvusExampleStore(
+            MilvusSettings(uri=uri, dimension=DIM, collection=collection_name)
+        ) as store:
             await store.ensure_collection()  # idempotent
             caps = store.capabilities
             assert caps is not None and caps.backend == backend
