@@ -14,6 +14,7 @@ import contextlib
 import signal
 import sys
 import time
+import uuid
 
 from infra.localstack import LocalStack
 from infra.settings import Settings
@@ -25,11 +26,11 @@ from .client import EchoClient
 __all__ = ["DEMO_QUESTIONS", "run_up"]
 
 DEMO_QUESTIONS = (
-    ("demo", "What is the capital of France?"),
     ("demo", "How do I reverse a list in Python?"),
-    ("demo", "What's the capital city of France?"),  # a paraphrase: served with the first pair as example
-    ("demo", "How can I reverse a Python list?"),
-    ("other-tenant", "What is the capital of France?"),  # another tenant never sees the demo tenant's cache
+    ("demo", "How do I make a good cup of tea?"),
+    ("demo", "How can I reverse a Python list?"),  # a paraphrase: served with the first pair as an example
+    ("demo", "What is the best way to make a cup of tea?"),
+    ("other", "How do I reverse a list in Python?"),  # another tenant never sees the demo tenant's cache
 )
 
 
@@ -38,8 +39,10 @@ def _say(message: str) -> None:
 
 
 async def _demo(settings: Settings) -> None:
+    run = uuid.uuid4().hex[:4]  # fresh tenants each run: the bank persists across `echolm up` runs
     async with EchoClient(settings) as client:
-        for tenant, question in DEMO_QUESTIONS:
+        for base_tenant, question in DEMO_QUESTIONS:
+            tenant = f"{base_tenant}-{run}"
             reply = await client.ask(question, tenant=tenant, timeout=180, max_new_tokens=48)
             print(f"\n[{tenant}] Q: {question}")
             if reply.ok:
@@ -53,8 +56,12 @@ async def _demo(settings: Settings) -> None:
             await asyncio.sleep(1.5)  # let the admit agent write the large tier's answer into the bank
 
 
-async def _up(settings: Settings, *, demo: bool, exit_after_demo: bool, workers: int, milvus: str | None) -> int:
-    stack = LocalStack(settings, milvus=milvus or settings.stack.milvus, topics=topic_specs(settings), progress=_say)  # type: ignore[arg-type]
+async def _up(
+    settings: Settings, *, demo: bool, exit_after_demo: bool, workers: int, milvus: str | None
+) -> int:
+    stack = LocalStack(
+        settings, milvus=milvus or settings.stack.milvus, topics=topic_specs(settings), progress=_say
+    )  # type: ignore[arg-type]
     procs: list[WorkerProcess] = []
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -70,10 +77,14 @@ async def _up(settings: Settings, *, demo: bool, exit_after_demo: bool, workers:
             procs.append(proc)
         _say(f"starting {workers} worker(s) (logs in {stack.data_dir})")
         await asyncio.gather(*(p.wait_ready() for p in procs))
-        _say(f"ready in {time.monotonic() - began:.1f} s: broker {stack.bootstrap_servers}, Milvus {stack.milvus_uri}")
+        _say(
+            f"ready in {time.monotonic() - began:.1f} s: broker {stack.bootstrap_servers}, Milvus {stack.milvus_uri}"
+        )
         for name, url in stack.backend_urls().items():
             _say(f"  backend {name}: {url} (metrics at {url}/metrics)")
-        _say(f'try: echolm ask "your question" --tenant acme   (metrics: http://127.0.0.1:{live.worker.metrics_port}/metrics)')
+        _say(
+            f'try: echolm ask "your question" --tenant acme   (metrics: http://127.0.0.1:{live.worker.metrics_port}/metrics)'
+        )
         if demo:
             await _demo(live)
             if exit_after_demo:
@@ -91,11 +102,17 @@ async def _up(settings: Settings, *, demo: bool, exit_after_demo: bool, workers:
 
 
 def run_up(
-    settings: Settings, *, demo: bool = False, exit_after_demo: bool = False, workers: int | None = None,
+    settings: Settings,
+    *,
+    demo: bool = False,
+    exit_after_demo: bool = False,
+    workers: int | None = None,
     milvus: str | None = None,
 ) -> int:
     count = settings.stack.workers if workers is None else workers
     if (milvus or settings.stack.milvus) == "lite" and count > 1:
         _say("Milvus Lite takes a file lock: use --milvus server for more than one worker")
         return 2
-    return asyncio.run(_up(settings, demo=demo, exit_after_demo=exit_after_demo, workers=count, milvus=milvus))
+    return asyncio.run(
+        _up(settings, demo=demo, exit_after_demo=exit_after_demo, workers=count, milvus=milvus)
+    )
