@@ -710,6 +710,43 @@ def _embedded_etcd_config(data_dir: Path) -> tuple[Path, int]:
     return path, client
 
 
+# The milvus wheel scans for these from fixed defaults (53100, 19529, 19531, ...) and releases each
+# port before the binary binds it, seconds later: two servers starting at once on one host both pick
+# 53100 and one dies ("listen tcp :53100: bind: address already in use"). Ports from the kernel's
+# ephemeral allocator (random offsets) make that collision unlikely; they are kept per data folder
+# while they stay free, like the etcd ports.
+_INTERNAL_PORTS = (
+    "root_coord_port", "proxy_internal_port", "query_coord_port", "query_node_port",
+    "index_coord_port", "index_node_port", "data_coord_port", "data_node_port", "webservice_port",
+)  # fmt: skip
+
+
+def _internal_ports(data_dir: Path, taken: set[int]) -> dict[str, int]:
+    """Ports for the server's internal listeners (and its /healthz web service), distinct and free."""
+    path = data_dir / "configs" / "ports.json"
+    ports: dict[str, int] = {}
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        ports = {k: int(v) for k, v in json.loads(path.read_text()).items() if k in _INTERNAL_PORTS}
+    values = list(ports.values())
+    usable = (
+        set(ports) == set(_INTERNAL_PORTS)
+        and len(set(values)) == len(values)
+        and not set(values) & taken
+        and all(port_is_free(p) for p in values)
+    )
+    if not usable:
+        ports, used = {}, set(taken)
+        for key in _INTERNAL_PORTS:
+            port = free_port()
+            while port in used:
+                port = free_port()
+            ports[key] = port
+            used.add(port)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(ports))
+    return ports
+
+
 def _healthy(port: int) -> bool:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as reply:
@@ -771,8 +808,14 @@ def _serve_milvus(port: int, data_dir: Path, parent_pid: int, start_timeout_s: f
                 return None
             return sock
 
-    config = _Config(data_dir=str(data_dir), proxy_port=port, etcd_port=etcd_port)
+    etcd_ports = {
+        int(line.rsplit(":", 1)[1]) for line in etcd_config.read_text().splitlines() if "-urls:" in line
+    }
+    internal = _internal_ports(data_dir, taken={port, *etcd_ports})
+    web_port = internal.pop("webservice_port")
+    config = _Config(data_dir=str(data_dir), proxy_port=port, etcd_port=etcd_port, **internal)
     server = EmbeddedMilvus(config, wait_for_started=False)
+    server.webservice_port = web_port  # the wheel scans from 9091 otherwise (same race)
     ready_file = data_dir / "ready.json"
     began = time.monotonic()
     try:
