@@ -148,6 +148,8 @@ class Server:
                 last_error = exc
                 break
             route_s += time.perf_counter() - (t_route if attempt == 0 else t_r)
+            # a half-open circuit admits one probe: claim it, so concurrent requests route elsewhere
+            self.state.breaker.record_attempt(decision.backend, time.monotonic())
             metrics.route.labels(decision.backend, decision.reason[:32]).inc()
             metrics.load_bias.set(decision.bias)
             attempts += 1
