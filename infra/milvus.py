@@ -614,6 +614,16 @@ class MilvusExampleStore:
                 client.create_index(name, self._index_params(index_type, build), timeout=timeout)
             # Loading an already loaded collection is a no-op on both back-ends.
             client.load_collection(name, timeout=_OPEN_DEADLINE_S)
+            # After a server restart "loaded" is reported at once while the query nodes still
+            # recover (measured: 2-30 s): wait here, with a long timeout, not in the first request.
+            client.query(
+                name,
+                filter='example_id == ""',
+                output_fields=["example_id"],
+                limit=1,
+                consistency_level="Strong",
+                timeout=_OPEN_DEADLINE_S,
+            )
         else:
             partition_key = _partition_key_safe(version)
             index_type, build = _index_for(self.backend, self._settings.index_type)
