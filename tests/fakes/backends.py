@@ -4,9 +4,9 @@
   (``tests/contract/test_generator.py`` holds both to it): a ``Generation`` with text and token
   counts; more than ``max_concurrent_requests`` generations at once -> ``BackendOverloaded`` (TGI's
   429); ``unreachable`` -> ``BackendUnavailable`` (connection refused); a prompt over
-  ``max_input_tokens`` -> ``BackendRejected`` (422); ``RuntimeError`` once closed. Scripted outcomes
-  (``script``), a fixed ``latency_s`` and a ``gate`` (generations wait until it is set) make
-  failures and in-flight states deterministic.
+  ``max_input_tokens`` -> ``BackendRejected`` (422); ``RuntimeError`` once closed. Scripted
+  outcomes (``script``), latency (``latency_s`` plus ``token_latency_s`` per generated token) and a
+  ``gate`` (generations wait until it is set) make failures and in-flight states deterministic.
 * ``FakeProbe`` implements ``infra.protocols.QueueDepthProbe``: depths are set by the test, stamped
   on the monotonic clock the router uses (``age_s`` makes a sample stale).
 * ``FakeTopic`` is the part of ``faust.TopicT`` the agents use (``send`` returning an awaitable of
@@ -92,6 +92,7 @@ class FakeGenerator:
         *,
         reply: Reply = "a fake answer from a fake backend",
         latency_s: float = 0.0,
+        token_latency_s: float = 0.0,
         max_concurrent_requests: int = 128,
         max_input_tokens: int = 2047,
         max_total_tokens: int = 2048,
@@ -101,6 +102,7 @@ class FakeGenerator:
         self.name = name
         self.reply = reply
         self.latency_s = latency_s
+        self.token_latency_s = token_latency_s  # decode time per generated token, on top of latency_s
         self.max_concurrent_requests = max_concurrent_requests
         self.max_input_tokens = max_input_tokens
         self.max_total_tokens = max_total_tokens
@@ -161,10 +163,12 @@ class FakeGenerator:
             if isinstance(step, BaseException):
                 raise step
             text = step if step is not None else self._text(messages, params)
+            words = _WORD.findall(text)
+            kept = words[: params.max_new_tokens]
+            if self.token_latency_s:
+                await asyncio.sleep(self.token_latency_s * len(kept))
         finally:
             self.in_flight -= 1
-        words = _WORD.findall(text)
-        kept = words[: params.max_new_tokens]
         return Generation(
             text=" ".join(kept),
             backend=self.name,
