@@ -69,8 +69,8 @@ async def _ask(settings: Settings, args: argparse.Namespace) -> int:
     elif reply.ok:
         print(reply.text)
         print(
-            f"\n[{reply.backend} ({reply.tier}), {reply.n_examples} example(s), {reply.latency_s * 1000:.0f} ms, "
-            f"id {reply.request_id}]",
+            f"\n[{reply.backend} ({reply.tier}), {reply.n_examples} example(s), "
+            f"{reply.latency_s * 1000:.0f} ms, id {reply.request_id}]",
             file=sys.stderr,
         )
     else:
@@ -142,7 +142,6 @@ def cmd_feedback(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_topics(settings: Settings, args: argparse.Namespace) -> int:
     from infra.localstack import create_topics
-
     from streams.topology import topic_specs
 
     specs = topic_specs(settings)

@@ -109,8 +109,9 @@ class EchoClient:
             await asyncio.sleep(0.1)
         if not partitions:
             raise RuntimeError(
-                f"reply topic {self.reply_topic!r} does not exist on {self.settings.kafka.bootstrap_servers}; "
-                "run `echolm topics create` (echolm up does it for you)"
+                f"reply topic {self.reply_topic!r} does not exist on "
+                f"{self.settings.kafka.bootstrap_servers}; run `echolm topics create` "
+                "(echolm up does it for you)"
             )
         tps = [TopicPartition(self.reply_topic, p) for p in sorted(partitions)]
         self._consumer.assign(tps)

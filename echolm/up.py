@@ -78,7 +78,8 @@ async def _up(
         _say(f"starting {workers} worker(s) (logs in {stack.data_dir})")
         await asyncio.gather(*(p.wait_ready() for p in procs))
         _say(
-            f"ready in {time.monotonic() - began:.1f} s: broker {stack.bootstrap_servers}, Milvus {stack.milvus_uri}"
+            f"ready in {time.monotonic() - began:.1f} s: broker {stack.bootstrap_servers}, "
+            f"Milvus {stack.milvus_uri}"
         )
         for name, url in stack.backend_urls().items():
             _say(f"  backend {name}: {url} (metrics at {url}/metrics)")

@@ -27,8 +27,8 @@ def kafka_credentials(kafka: KafkaSettings) -> Any:
         return context
     if kafka.sasl_username is None or kafka.sasl_password is None:
         raise ValueError(
-            f"kafka.security_protocol={kafka.security_protocol} needs kafka.sasl_username and kafka.sasl_password "
-            "(ECHOLM_KAFKA__SASL_USERNAME / ECHOLM_KAFKA__SASL_PASSWORD)"
+            f"kafka.security_protocol={kafka.security_protocol} needs kafka.sasl_username and "
+            "kafka.sasl_password (ECHOLM_KAFKA__SASL_USERNAME / ECHOLM_KAFKA__SASL_PASSWORD)"
         )
     return faust.SASLCredentials(
         username=kafka.sasl_username,

@@ -136,7 +136,9 @@ class Resources(Service):
         self.ready.set()
         log.info(
             "echolm resources ready: embedder=%s store=%s backends=%s",
-            "up" if self._state.embedder else "DOWN", "up" if self._state.store else "DOWN", sorted(self.generators),
+            "up" if self._state.embedder else "DOWN",
+            "up" if self._state.store else "DOWN",
+            sorted(self.generators),
         )
 
     async def _open_all(self) -> None:
@@ -154,13 +156,13 @@ class Resources(Service):
     async def _try_open_embedder(self) -> None:
         try:
             self._state.embedder = await self.factories.embedder(self.settings)
-        except Exception:  # noqa: BLE001 - degrade, retry later; logged with traceback
+        except Exception:  # degrade, retry later; log.exception keeps the traceback
             log.exception("embedding model unavailable: serving without examples until it loads")
 
     async def _try_open_store(self) -> None:
         try:
             self._state.store = await self.factories.store(self.settings)
-        except Exception:  # noqa: BLE001 - degrade, retry later; logged with traceback
+        except Exception:  # degrade, retry later; log.exception keeps the traceback
             log.exception(
                 "vector store %s unavailable: serving without examples, retrying", self.settings.milvus.uri
             )

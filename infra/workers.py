@@ -29,7 +29,9 @@ class WorkerStartError(RuntimeError):
 
 
 class WorkerProcess:
-    def __init__(self, settings: Settings, *, log_path: Path, role: str | None = None, name: str = "worker") -> None:
+    def __init__(
+        self, settings: Settings, *, log_path: Path, role: str | None = None, name: str = "worker"
+    ) -> None:
         self.settings = settings
         self.log_path = log_path
         self.role = role
@@ -54,8 +56,12 @@ class WorkerProcess:
             args += ["--role", self.role]
         log_file = self.log_path.open("ab")
         self._log_file = log_file
-        self.process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-            args, stdout=log_file, stderr=subprocess.STDOUT, env=child_env(self.settings), start_new_session=True
+        self.process = subprocess.Popen(  # our own interpreter and module (S603 is ignored repo-wide)
+            args,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=child_env(self.settings),
+            start_new_session=True,
         )
 
     def log_tail(self, lines: int = 40) -> str:
@@ -96,7 +102,8 @@ class WorkerProcess:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
             deadline = time.monotonic() + timeout_s
-            while process.poll() is None and time.monotonic() < deadline:
+            # a child process has no awaitable exit here (Popen, not asyncio.subprocess): poll it
+            while process.poll() is None and time.monotonic() < deadline:  # noqa: ASYNC110
                 await asyncio.sleep(0.1)
             if process.poll() is None:
                 process.kill()
