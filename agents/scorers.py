@@ -70,6 +70,9 @@ class PairwiseJudgeScorer:
         for answer in answers:
             ab = await self._compare(question, answer, incumbent)
             ba = await self._compare(question, incumbent, answer)
+            if ab is None or ba is None:  # a reply without a score: no evidence, keep parity
+                scores.append(0.5)
+                continue
             combined = combine_both_orders(ab, ba)  # in [-3, 3], positive = answer better
             scores.append(float(np.clip(0.5 + combined / 6.0, 0.0, 1.0)))
         return scores
