@@ -59,7 +59,7 @@ async def evict_once(res: Resources, *, now: float) -> int:
 
 
 def register_maintenance(app: faust.App, topics: Topics, res: Resources, state: DecisionState) -> None:
-    @app.timer(res.settings.replay.interval_s * 12, name="echolm.maintenance")
+    @app.timer(res.settings.replay.interval_s * 12, name="echolm.maintenance")  # type: ignore[untyped-decorator]
     async def maintenance() -> None:
         if not res.ready.is_set():
             return

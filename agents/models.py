@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Any
 
 import faust
 import numpy as np
@@ -45,7 +46,7 @@ def apply_update(state: DecisionState, update: ModelUpdateRecord) -> None:
 
 
 class ModelSync(Service):
-    def __init__(self, topic: str, res: Resources, state: DecisionState, **kwargs: object) -> None:
+    def __init__(self, topic: str, res: Resources, state: DecisionState, **kwargs: Any) -> None:
         self.topic, self.res, self.decisions = topic, res, state
         self.applied = 0
         self._task: asyncio.Task[None] | None = None
@@ -89,9 +90,10 @@ class ModelSync(Service):
 
 
 def register_model_sync(app: faust.App, topics: Topics, res: Resources, state: DecisionState) -> None:
-    app.service(ModelSync(topics.model_updates.get_topic_name(), res, state))
+    # faust annotates ``service`` for a class, but also starts an instance (App._prepare_subservice)
+    app.service(ModelSync(topics.model_updates.get_topic_name(), res, state))  # type: ignore[arg-type]
 
-    @app.timer(5.0, name="echolm.model-checkpoint")
+    @app.timer(5.0, name="echolm.model-checkpoint")  # type: ignore[untyped-decorator]
     async def checkpoint() -> None:
         if state.updates_since_save == 0:
             return

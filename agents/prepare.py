@@ -24,6 +24,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import cast
 
 import faust
 import numpy as np
@@ -54,7 +55,7 @@ class Preparer:
         self.rejecter = Rejecter(app, topics, res)
         self.default_reply = res.settings.topic("replies")
 
-    async def handle_batch(self, events: Sequence[faust.EventT]) -> None:
+    async def handle_batch(self, events: Sequence[faust.EventT[bytes]]) -> None:
         settings, metrics = self.res.settings, self.res.metrics
         # 1. parse
         t0 = time.perf_counter()
@@ -191,7 +192,11 @@ def register_prepare(app: faust.App, topics: Topics, res: Resources, state: Deci
     @app.agent(topics.requests, name="echolm.prepare")
     async def prepare(stream: faust.StreamT[bytes]) -> None:
         await res.ready.wait()
-        async for events in stream.take_events(emb.batch_size, within=max(emb.batch_window_s, 0.001)):
+        # ``take_events`` is on faust.Stream (what agents receive) but missing from faust.StreamT
+        batches = cast("faust.Stream[bytes]", stream).take_events(
+            emb.batch_size, within=max(emb.batch_window_s, 0.001)
+        )
+        async for events in batches:
             res.inflight += len(events)
             try:
                 await preparer.handle_batch(events)

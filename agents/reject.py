@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, replace
+from typing import Any
 
 import faust
 
@@ -32,7 +33,7 @@ class Coordinates:
     key: bytes | str | None = None
 
     @classmethod
-    def of(cls, event: faust.EventT) -> Coordinates:
+    def of(cls, event: faust.EventT[Any]) -> Coordinates:
         m = event.message
         return cls(topic=m.topic, partition=m.partition, offset=m.offset, key=m.key)
 

@@ -151,7 +151,7 @@ def register_replay(app: faust.App, topics: Topics, res: Resources, state: Decis
     replayer = Replayer(topics, res, state)
     res.replayer = replayer
 
-    @app.timer(res.settings.replay.interval_s, name="echolm.replay")
+    @app.timer(res.settings.replay.interval_s, name="echolm.replay")  # type: ignore[untyped-decorator]
     async def replay_tick() -> None:
         if res.ready.is_set():
             await replayer.tick()

@@ -15,6 +15,7 @@ import signal
 import sys
 import time
 import uuid
+from typing import Literal
 
 from infra.localstack import LocalStack
 from infra.settings import Settings
@@ -57,11 +58,16 @@ async def _demo(settings: Settings) -> None:
 
 
 async def _up(
-    settings: Settings, *, demo: bool, exit_after_demo: bool, workers: int, milvus: str | None
+    settings: Settings,
+    *,
+    demo: bool,
+    exit_after_demo: bool,
+    workers: int,
+    milvus: Literal["server", "lite"] | None,
 ) -> int:
     stack = LocalStack(
         settings, milvus=milvus or settings.stack.milvus, topics=topic_specs(settings), progress=_say
-    )  # type: ignore[arg-type]
+    )
     procs: list[WorkerProcess] = []
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -108,7 +114,7 @@ def run_up(
     demo: bool = False,
     exit_after_demo: bool = False,
     workers: int | None = None,
-    milvus: str | None = None,
+    milvus: Literal["server", "lite"] | None = None,
 ) -> int:
     count = settings.stack.workers if workers is None else workers
     if (milvus or settings.stack.milvus) == "lite" and count > 1:

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import signal
 import time
+from typing import Any
 
 import faust
 
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 
 
 class DrainingWorker(faust.Worker):
-    def __init__(self, app: faust.App, resources: Resources, grace_s: float, **kwargs: object) -> None:
+    def __init__(self, app: faust.App, resources: Resources, grace_s: float, **kwargs: Any) -> None:
         self.resources = resources
         self.grace_s = grace_s
         super().__init__(app, **kwargs)

@@ -56,7 +56,8 @@ def build_app(
     )
     topics = declare_topics(app, settings)
     resources = Resources(settings, factories=factories, metrics=metrics, loop=None)
-    app.service(resources)
+    # faust annotates ``service`` for a class, but also starts an instance (App._prepare_subservice)
+    app.service(resources)  # type: ignore[arg-type]
 
     from agents import register_agents  # agents import streams; import here to keep the order explicit
 
