@@ -238,3 +238,15 @@ async def test_a_dependency_that_never_opened_bypasses_selection(
             prep.store = FakeVectorStore(DIM)  # a bank the worker cannot see
         await bank(prep, "acme", "how do I reset my password?", "Settings > Security > Reset.")
         await _bypassed(prep, reason, has_embedding=has_embedding)
+
+
+# ------------------------------------------------------------------------------------------ the agent
+async def test_the_prepare_agent_batches_its_stream(prep: Prep, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The registered agent, fed by ``test_context``; its real topics' ``send`` goes to the fakes."""
+    monkeypatch.setattr(prep.h.app_topics.prepared, "send", prep.prepared.send)
+    agent = prep.h.app.agents["echolm.prepare"]
+    async with agent.test_context() as tested:
+        await tested.put(orjson.dumps({"request_id": "r1", "tenant": "acme", "prompt": "hello there"}))
+    (record,) = prep.out()
+    assert record.request.request_id == "r1" and record.selection_bypassed == ""
+    assert prep.h.resources.inflight == 0
