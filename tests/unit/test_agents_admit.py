@@ -205,7 +205,8 @@ async def test_uses_raise_the_replay_gain_and_queue_the_example_for_replay() -> 
     new = await stored(store)
     assert new.gain == pytest.approx(expected) and new.gain > old.gain
     assert new.offloads == old.offloads  # a large-tier reply did not offload anything
-    assert state.replay_queue.pop(5) == [("acme", old.example_id, pytest.approx(expected))]
+    ((tenant, queued_id, queued_gain),) = state.replay_queue.pop(5)
+    assert (tenant, queued_id) == ("acme", old.example_id) and queued_gain == pytest.approx(expected)
 
 
 async def test_a_small_tier_reply_that_used_an_example_credits_it_an_offload() -> None:

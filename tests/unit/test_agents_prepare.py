@@ -41,12 +41,14 @@ class Prep:
         self.deadletter: FakeTopic = harness.topic("deadletter")
         self._offset = 100
 
-    def event(self, value: bytes, *, key: bytes | None = None, partition: int = 2) -> faust.EventT:
+    def event(self, value: bytes, *, key: bytes | None = None, partition: int = 2) -> faust.EventT[bytes]:
         self._offset += 1
         message = Message(SOURCE, partition, self._offset, time.time(), 0, [], key, value, None, tp=None)
         return faust.Event(self.h.app, key, value, [], message)
 
-    def request(self, request_id: str, prompt: str, tenant: str = "acme", **fields: Any) -> faust.EventT:
+    def request(
+        self, request_id: str, prompt: str, tenant: str = "acme", **fields: Any
+    ) -> faust.EventT[bytes]:
         body = {"request_id": request_id, "tenant": tenant, "prompt": prompt, **fields}
         return self.event(orjson.dumps(body), key=request_id.encode())
 
