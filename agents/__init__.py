@@ -31,6 +31,7 @@ def register_agents(
     app: faust.App, topics: Topics, resources: Resources, *, only: tuple[str, ...] | None = None
 ) -> None:
     from .admit import register_admit
+    from .gauges import register_gauges
     from .learn import register_learn
     from .maintenance import register_maintenance
     from .models import register_model_sync
@@ -56,3 +57,4 @@ def register_agents(
     for name in names:
         registry[name](app, topics, resources, state)
     register_model_sync(app, topics, resources, state)  # every worker routes with the shared bandit
+    register_gauges(app, topics, resources, state)
