@@ -87,7 +87,7 @@ async def test_real_embedder_does_not_block_the_loop(real_embedder: Embedder) ->
         with pytest.raises(asyncio.CancelledError):
             await task
     assert len(gaps) >= 3, "the loop did not run while encode() was busy"
-    assert max(gaps) < 0.5
+    assert max(gaps) < 1.0  # one blocking encode of 128 sentences would stall it for seconds
 
 
 @pytest.mark.integration

@@ -127,6 +127,7 @@ async def test_backend_urls_follow_the_ports(tmp_path: Path) -> None:
     assert json.loads(stack.environment()["ECHOLM_TGI__BACKENDS"])[1]["url"] == urls["large-0"]
 
 
+@pytest.mark.timeout(300)  # two server starts and a restart recovery: about 55 s on 2 busy cores
 async def test_milvus_server_keeps_data_and_reaps_a_leftover_binary(tmp_path: Path) -> None:
     """Kill the supervisor child with SIGKILL (its binary lives on), then start again on the same folder."""
     from infra.milvus import MilvusExampleStore
