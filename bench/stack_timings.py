@@ -49,7 +49,8 @@ TENANT = "bench"
 def clustered(n: int, rng: np.random.Generator, centres: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     picks = centres[rng.integers(0, len(centres), n)]
     noisy = picks + rng.normal(0, 0.75 / np.sqrt(DIM), (n, DIM)).astype(np.float32)
-    return (noisy / np.linalg.norm(noisy, axis=1, keepdims=True)).astype(np.float32)
+    out: npt.NDArray[np.float32] = (noisy / np.linalg.norm(noisy, axis=1, keepdims=True)).astype(np.float32)
+    return out
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:
@@ -112,7 +113,10 @@ async def fill(store: MilvusExampleStore, vectors: npt.NDArray[np.float32], star
 async def search_latency(
     store: MilvusExampleStore, queries: npt.NDArray[np.float32], concurrency: int = 1
 ) -> dict[str, Any]:
-    calls = [lambda q=q: store.search(TENANT, q[None, :], limit=20) for q in queries]
+    def call(q: npt.NDArray[np.float32]) -> Callable[[], Awaitable[Any]]:
+        return lambda: store.search(TENANT, q[None, :], limit=20)
+
+    calls = [call(q) for q in queries]
     await timed(calls[:10])  # warm-up
     latencies, wall = await timed(calls, concurrency)
     return percentiles(latencies) | {"qps": round(len(calls) / wall, 1), "concurrency": concurrency}

@@ -63,7 +63,7 @@ class TestEmbedderContract:
         assert empty.shape == (0, 384)
         assert empty.dtype == np.float32
         with pytest.raises(TypeError):
-            await embedder.embed("not a list")  # type: ignore[arg-type]
+            await embedder.embed("not a list")
 
 
 @pytest.mark.integration

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 
 from infra.localstack import LocalStack, LocalStackError, MilvusServer, TansuBroker, create_topics, free_port
 from infra.settings import Settings, load_settings
@@ -82,7 +82,7 @@ async def test_produce_consume_round_trip(broker: TansuBroker) -> None:
     )
     await consumer.start()
     try:
-        received = []
+        received: list[ConsumerRecord[bytes, bytes]] = []
         async with asyncio.timeout(20):
             while len(received) < 6:
                 batch = await consumer.getmany(timeout_ms=500)
