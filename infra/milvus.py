@@ -344,7 +344,11 @@ class MilvusExampleStore:
                 "open the collection", asyncio.to_thread(self._open_sync), deadline_s=_OPEN_DEADLINE_S
             )
             self._async = AsyncMilvusClient(
-                uri=self._client_uri(), token=self._token(), db_name=self._db_name(), dedicated=True
+                uri=self._client_uri(),
+                token=self._token(),
+                db_name=self._db_name(),
+                dedicated=True,
+                **self._grpc_kwargs(),
             )
             log.info(
                 "milvus %s (%s): collection %s ready in %.2f s (index %s, partition key %s)",
@@ -604,6 +608,18 @@ class MilvusExampleStore:
         # Milvus Lite has only the default database.
         return "" if self.backend == "lite" else self._settings.db_name
 
+    def _grpc_kwargs(self) -> dict[str, Any]:
+        """No keepalive pings to Milvus Lite: its in-process server answers pymilvus's 10 s pings with
+        GOAWAY ``too_many_pings`` (seen in a 5-minute benchmark), which drops the connection."""
+        if self.backend != "lite":
+            return {}
+        return {
+            "grpc_options": {
+                "grpc.keepalive_time_ms": 2**31 - 1,
+                "grpc.keepalive_permit_without_calls": False,
+            }
+        }
+
     def _connect_sync(self) -> MilvusClient:
         if self._sync is None:
             self._sync = MilvusClient(
@@ -611,6 +627,7 @@ class MilvusExampleStore:
                 token=self._token(),
                 db_name=self._db_name(),
                 timeout=self._settings.timeout_s,
+                **self._grpc_kwargs(),
             )
         return self._sync
 
