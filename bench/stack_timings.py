@@ -124,7 +124,7 @@ async def search_latency(
 
 async def client_comparison(store: MilvusExampleStore, queries: npt.NDArray[np.float32]) -> dict[str, Any]:
     """The same search through the async client and through the sync client in a thread."""
-    from infra.milvus import _ALL_FIELDS, _search_params, tenant_filter
+    from infra.milvus_schema import ALL_FIELDS, search_params, tenant_filter
 
     caps = store.capabilities
     assert caps is not None and store._async is not None and store._sync is not None
@@ -133,8 +133,8 @@ async def client_comparison(store: MilvusExampleStore, queries: npt.NDArray[np.f
         "anns_field": "embedding",
         "filter": tenant_filter(TENANT) + " and usable == true",
         "limit": 20,
-        "output_fields": _ALL_FIELDS,
-        "search_params": _search_params(caps.index_type, 20),
+        "output_fields": ALL_FIELDS,
+        "search_params": search_params(caps.index_type, 20),
         "consistency_level": "Session",
     }
 

@@ -24,6 +24,8 @@ client at about the cost of ``Bounded``) is set on the collection and on every r
 reads between a delete and the next upsert are ``Strong`` (Milvus 2.3.5 gives deletes no timestamp
 for Session to wait on; see ``_read_level``).
 
+Schema, filters and row mapping: ``infra/milvus_schema.py``.
+
 Errors: pymilvus and gRPC failures become ``DependencyUnavailable`` (retriable) with a message that
 says what to check; an example whose text is longer than the schema allows raises ``LimitExceeded``;
 a vector of the wrong dimension raises ``ValueError`` (a configuration mismatch, not bad input).
@@ -33,9 +35,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
-from collections.abc import Awaitable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -43,9 +44,26 @@ from typing import Any, Final, Literal, Self, TypeVar
 
 import grpc
 import numpy as np
-from pymilvus import AsyncMilvusClient, DataType, MilvusClient, MilvusException
+from pymilvus import AsyncMilvusClient, MilvusClient, MilvusException
 
-from .errors import DependencyUnavailable, LimitExceeded, SchemaError
+from .errors import DependencyUnavailable
+from .milvus_schema import (
+    ALL_FIELDS,
+    MAX_REQUEST_BYTES,
+    MAX_RESPONSE_BYTES,
+    batches_by_size,
+    build_schema,
+    chunks,
+    from_row,
+    ids_clause,
+    index_for,
+    partition_key_safe,
+    quote,
+    search_params,
+    tenant_filter,
+    to_row,
+    where,
+)
 from .protocols import Example, SearchHit, Vector
 from .settings import MilvusSettings
 
@@ -61,11 +79,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-MAX_ID_BYTES: Final = 64
-MAX_TENANT_BYTES: Final = 64
-MAX_TIER_BYTES: Final = 64
-MAX_REQUEST_BYTES: Final = 16 * 1024  # Milvus VARCHAR max_length counts UTF-8 bytes
-MAX_RESPONSE_BYTES: Final = 32 * 1024
 _IDS_PER_EXPRESSION: Final = 512  # keeps filter expressions short
 _UPSERT_BATCH_BYTES: Final = 8 * 1024 * 1024  # well under gRPC's 64 MiB message limit
 _MAX_LIMIT: Final = 16_384  # Milvus topk limit
@@ -76,65 +89,7 @@ _OPEN_DEADLINE_S: Final = 90.0  # a server's first load after a restart can take
 # segments (about 0.4 s per 1k rows). The store flushes Lite after this many new rows.
 _LITE_FLUSH_ROWS: Final = 1000
 
-_SCALAR_FIELDS: Final = (
-    "example_id",
-    "tenant",
-    "request",
-    "response",
-    "model_tier",
-    "quality",
-    "gain",
-    "offloads",
-    "replay_rounds",
-    "created_at",
-    "updated_at",
-    "usable",
-)
-_ALL_FIELDS: Final = [*_SCALAR_FIELDS, "embedding"]
-_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 
-
-# ------------------------------------------------------------------------------------ filters
-def quote(value: str) -> str:
-    """``value`` as a Milvus filter string literal: double-quoted, ``\\`` and ``"`` escaped.
-
-    Control characters are refused (Milvus Lite's parser knows only ``\\n \\r \\t`` escapes, and no
-    tenant or id legitimately holds one), so no value can end the literal and inject a clause.
-    """
-    if not isinstance(value, str):
-        raise TypeError(f"filter values must be str, got {type(value).__name__}")
-    if _CONTROL_CHARS.search(value):
-        raise SchemaError(f"control characters are not allowed in tenant or example ids: {value!r}")
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def tenant_filter(tenant: str) -> str:
-    """The mandatory clause of every per-tenant read or delete: ``tenant == "<tenant>"``."""
-    if not tenant:
-        raise SchemaError("tenant must be a non-empty string")
-    if len(tenant.encode()) > MAX_TENANT_BYTES:
-        raise SchemaError(f"tenant is longer than {MAX_TENANT_BYTES} bytes: {tenant[:80]!r}")
-    return f"tenant == {quote(tenant)}"
-
-
-def _ids_clause(ids: Sequence[str]) -> str:
-    return "example_id in [" + ", ".join(quote(i) for i in ids) + "]"
-
-
-def _where(tenant: str | None, ids: Sequence[str] | None = None) -> str:
-    clauses = [tenant_filter(tenant)] if tenant is not None else []
-    if ids is not None:
-        clauses.append(_ids_clause(ids))
-    # An empty filter needs a limit on a server; this one is always true and needs none.
-    return " and ".join(clauses) or 'example_id != ""'
-
-
-def _chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-# ---------------------------------------------------------------------------------- schema/rows
 @dataclass(frozen=True, slots=True)
 class _Capabilities:
     """What differs between back-ends, decided once when the collection is opened."""
@@ -143,134 +98,6 @@ class _Capabilities:
     server_version: str
     index_type: str
     partition_key: bool  # tenant is the partition key of the collection as it exists
-
-
-def _partition_key_safe(version: str) -> bool:
-    """Whether upsert honours a partition key on this server (see the module docstring)."""
-    if version.startswith("milvus_lite"):
-        return True
-    match = re.search(r"(\d+)\.(\d+)", version)
-    return match is not None and (int(match[1]), int(match[2])) >= (2, 4)
-
-
-def _index_for(backend: str, configured: str) -> tuple[str, dict[str, Any]]:
-    """Index type and build params. Milvus Lite 3.2.2 builds HNSW/IVF only with faiss-cpu installed;
-    AUTOINDEX there means HNSW when faiss is importable and a brute-force scan otherwise."""
-    if backend == "lite":
-        return ("FLAT", {}) if configured == "FLAT" else ("AUTOINDEX", {})
-    if configured == "HNSW":
-        return "HNSW", {"M": 16, "efConstruction": 200}
-    if configured == "IVF_FLAT":
-        return "IVF_FLAT", {"nlist": 128}
-    return configured, {}
-
-
-def _search_params(index_type: str, limit: int) -> dict[str, Any]:
-    params: dict[str, Any] = {"metric_type": "COSINE"}
-    if index_type == "HNSW":
-        params["params"] = {"ef": max(64, limit)}
-    elif index_type == "IVF_FLAT":
-        params["params"] = {"nprobe": 16}
-    return params
-
-
-def _build_schema(dimension: int, partition_key: bool) -> Any:
-    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-    schema.add_field("example_id", DataType.VARCHAR, is_primary=True, max_length=MAX_ID_BYTES)
-    schema.add_field("tenant", DataType.VARCHAR, max_length=MAX_TENANT_BYTES, is_partition_key=partition_key)
-    schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=dimension)
-    schema.add_field("request", DataType.VARCHAR, max_length=MAX_REQUEST_BYTES)
-    schema.add_field("response", DataType.VARCHAR, max_length=MAX_RESPONSE_BYTES)
-    schema.add_field("model_tier", DataType.VARCHAR, max_length=MAX_TIER_BYTES)
-    # DOUBLE, not FLOAT: values must round-trip exactly (the fake and Milvus agree bit for bit).
-    schema.add_field("quality", DataType.DOUBLE)
-    schema.add_field("gain", DataType.DOUBLE)
-    schema.add_field("offloads", DataType.DOUBLE)
-    schema.add_field("replay_rounds", DataType.INT64)
-    schema.add_field("created_at", DataType.DOUBLE)
-    schema.add_field("updated_at", DataType.DOUBLE)
-    schema.add_field("usable", DataType.BOOL)
-    return schema
-
-
-def _check_text(example: Example, field: str, value: str, limit: int) -> None:
-    size = len(value.encode())
-    if size > limit:
-        raise LimitExceeded(
-            f"example {example.example_id!r}: {field} is {size} bytes of UTF-8, over the {limit}-byte "
-            f"limit of the example bank; truncate or skip it before admission"
-        )
-
-
-def _to_row(example: Example, dimension: int) -> dict[str, Any]:
-    if len(example.example_id.encode()) > MAX_ID_BYTES or not example.example_id:
-        raise SchemaError(f"example_id must be 1..{MAX_ID_BYTES} bytes, got {example.example_id!r}")
-    quote(example.example_id)
-    tenant_filter(example.tenant)
-    _check_text(example, "request", example.request, MAX_REQUEST_BYTES)
-    _check_text(example, "response", example.response, MAX_RESPONSE_BYTES)
-    _check_text(example, "model_tier", example.model_tier, MAX_TIER_BYTES)
-    vector = np.asarray(example.embedding, dtype=np.float32).reshape(-1)
-    if vector.shape != (dimension,):
-        raise ValueError(
-            f"example {example.example_id!r} has a {vector.shape[0]}-d embedding but the collection holds "
-            f"{dimension}-d vectors: milvus.dimension and the embedding model disagree"
-        )
-    if not np.isfinite(vector).all() or not vector.any():
-        raise ValueError(f"example {example.example_id!r} has a zero or non-finite embedding")
-    return {
-        "example_id": example.example_id,
-        "tenant": example.tenant,
-        "embedding": vector.tolist(),
-        "request": example.request,
-        "response": example.response,
-        "model_tier": example.model_tier,
-        "quality": float(example.quality),
-        "gain": float(example.gain),
-        "offloads": float(example.offloads),
-        "replay_rounds": int(example.replay_rounds),
-        "created_at": float(example.created_at),
-        "updated_at": float(example.updated_at),
-        "usable": bool(example.usable),
-    }
-
-
-def _vector(value: Any) -> Vector:
-    if isinstance(value, bytes | bytearray):
-        return np.frombuffer(value, dtype=np.float32).copy()
-    return np.asarray(value, dtype=np.float32)
-
-
-def _from_row(row: Any) -> Example:
-    return Example(
-        example_id=str(row["example_id"]),
-        tenant=str(row["tenant"]),
-        request=str(row["request"]),
-        response=str(row["response"]),
-        embedding=_vector(row["embedding"]),
-        model_tier=str(row["model_tier"]),
-        quality=float(row["quality"]),
-        gain=float(row["gain"]),
-        offloads=float(row["offloads"]),
-        replay_rounds=int(row["replay_rounds"]),
-        created_at=float(row["created_at"]),
-        updated_at=float(row["updated_at"]),
-        usable=bool(row["usable"]),
-    )
-
-
-def _batches_by_size(rows: list[dict[str, Any]], max_bytes: int) -> Iterable[list[dict[str, Any]]]:
-    batch: list[dict[str, Any]] = []
-    size = 0
-    for row in rows:
-        row_bytes = len(row["request"]) + len(row["response"]) + 8 * len(row["embedding"]) + 256
-        if batch and size + row_bytes > max_bytes:
-            yield batch
-            batch, size = [], 0
-        batch.append(row)
-        size += row_bytes
-    if batch:
-        yield batch
 
 
 # ------------------------------------------------------------------------------------- the store
@@ -397,15 +224,15 @@ class MilvusExampleStore:
                 anns_field="embedding",
                 filter=where,
                 limit=limit,
-                output_fields=_ALL_FIELDS,
-                search_params=_search_params(caps.index_type, limit),
+                output_fields=ALL_FIELDS,
+                search_params=search_params(caps.index_type, limit),
                 consistency_level=self._read_level(),
                 timeout=self._settings.timeout_s,
             ),
         )
         out: list[list[SearchHit]] = []
         for hits in results:
-            row_hits = [SearchHit(_from_row(hit["entity"]), float(hit["distance"])) for hit in hits]
+            row_hits = [SearchHit(from_row(hit["entity"]), float(hit["distance"])) for hit in hits]
             row_hits.sort(key=lambda h: -h.similarity)
             out.append(row_hits)
         return out
@@ -416,8 +243,8 @@ class MilvusExampleStore:
             return
         client, _ = await self._client()
         latest = {e.example_id: e for e in examples}
-        rows = [_to_row(e, self.dimension) for e in latest.values()]
-        for batch in _batches_by_size(rows, _UPSERT_BATCH_BYTES):
+        rows = [to_row(e, self.dimension) for e in latest.values()]
+        for batch in batches_by_size(rows, _UPSERT_BATCH_BYTES):
             await self._guard(
                 "upsert", client.upsert(self.collection, batch, timeout=self._settings.timeout_s)
             )
@@ -440,12 +267,12 @@ class MilvusExampleStore:
         if not example_ids:
             return
         client, _ = await self._client()
-        for chunk in _chunks(sorted(set(example_ids)), _IDS_PER_EXPRESSION):
+        for chunk in chunks(sorted(set(example_ids)), _IDS_PER_EXPRESSION):
             rows = await self._guard(
                 "delete",
                 client.query(
                     self.collection,
-                    filter=_where(tenant, chunk),
+                    filter=where(tenant, chunk),
                     output_fields=["example_id"],
                     consistency_level=self._read_level(),
                     timeout=self._settings.timeout_s,
@@ -457,7 +284,7 @@ class MilvusExampleStore:
                 await self._guard(
                     "delete",
                     client.delete(
-                        self.collection, filter=_ids_clause(owned), timeout=self._settings.timeout_s
+                        self.collection, filter=ids_clause(owned), timeout=self._settings.timeout_s
                     ),
                 )
 
@@ -482,7 +309,7 @@ class MilvusExampleStore:
             "scan",
             client.query(
                 self.collection,
-                filter=_where(tenant),
+                filter=where(tenant),
                 output_fields=["example_id"],
                 consistency_level=self._read_level(),
                 timeout=self._settings.timeout_s,
@@ -490,7 +317,7 @@ class MilvusExampleStore:
         )
         ids = sorted({str(r["example_id"]) for r in rows})
         out: list[Example] = []
-        for chunk in _chunks(ids, min(batch_size, _IDS_PER_EXPRESSION)):
+        for chunk in chunks(ids, min(batch_size, _IDS_PER_EXPRESSION)):
             out.extend(await self._fetch(tenant, chunk))
         out.sort(key=lambda e: e.example_id)
         return out
@@ -501,7 +328,7 @@ class MilvusExampleStore:
             "count",
             client.query(
                 self.collection,
-                filter=_where(tenant),
+                filter=where(tenant),
                 output_fields=["count(*)"],
                 consistency_level=self._read_level(),
                 timeout=self._settings.timeout_s,
@@ -513,18 +340,18 @@ class MilvusExampleStore:
     async def _fetch(self, tenant: str | None, ids: Sequence[str]) -> list[Example]:
         client, _ = await self._client()
         out: list[Example] = []
-        for chunk in _chunks(ids, _IDS_PER_EXPRESSION):
+        for chunk in chunks(ids, _IDS_PER_EXPRESSION):
             rows = await self._guard(
                 "get",
                 client.query(
                     self.collection,
-                    filter=_where(tenant, chunk),
-                    output_fields=_ALL_FIELDS,
+                    filter=where(tenant, chunk),
+                    output_fields=ALL_FIELDS,
                     consistency_level=self._read_level(),
                     timeout=self._settings.timeout_s,
                 ),
             )
-            out.extend(_from_row(r) for r in rows)
+            out.extend(from_row(r) for r in rows)
         return out
 
     async def _flush(self) -> None:
@@ -646,7 +473,7 @@ class MilvusExampleStore:
                     client.describe_index(name, index_name=indexes[0], timeout=timeout).get("index_type", "")
                 )
             else:
-                index_type, build = _index_for(self.backend, self._settings.index_type)
+                index_type, build = index_for(self.backend, self._settings.index_type)
                 client.create_index(name, self._index_params(index_type, build), timeout=timeout)
             # Loading an already loaded collection is a no-op on both back-ends.
             client.load_collection(name, timeout=_OPEN_DEADLINE_S)
@@ -661,12 +488,12 @@ class MilvusExampleStore:
                 timeout=_OPEN_DEADLINE_S,
             )
         else:
-            partition_key = _partition_key_safe(version)
-            index_type, build = _index_for(self.backend, self._settings.index_type)
+            partition_key = partition_key_safe(version)
+            index_type, build = index_for(self.backend, self._settings.index_type)
             extra: dict[str, Any] = {"num_partitions": _NUM_PARTITIONS} if partition_key else {}
             client.create_collection(
                 name,
-                schema=_build_schema(self.dimension, partition_key),
+                schema=build_schema(self.dimension, partition_key),
                 index_params=self._index_params(index_type, build),
                 consistency_level=self._settings.consistency_level,
                 timeout=_OPEN_DEADLINE_S,
@@ -682,7 +509,7 @@ class MilvusExampleStore:
 
     def _check_existing(self, description: dict[str, Any]) -> None:
         fields = {f["name"]: f for f in description["fields"]}
-        missing = [name for name in _ALL_FIELDS if name not in fields]
+        missing = [name for name in ALL_FIELDS if name not in fields]
         if missing:
             raise ValueError(
                 f"collection {self.collection!r} at {self.uri} exists with another schema (missing fields "

@@ -22,7 +22,7 @@ from infra.protocols import Example, SearchHit
 
 __all__ = ["FakeVectorStore"]
 
-# The same limits as infra/milvus.py (kept here so unit tests do not import pymilvus).
+# The same limits as infra/milvus_schema.py (kept here so unit tests do not import pymilvus).
 MAX_ID_BYTES = 64
 MAX_TENANT_BYTES = 64
 MAX_TIER_BYTES = 64
