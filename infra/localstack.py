@@ -116,6 +116,11 @@ class TansuBroker:
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        """The broker's pid (fault tests pause it with SIGSTOP); None when not started."""
+        return self._process.pid if self._process is not None else None
+
     async def start(self) -> None:
         """Spawn the broker and wait until a metadata request succeeds. Idempotent."""
         if self._process is not None:

@@ -80,6 +80,11 @@ class MilvusServer:
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        """The supervising child's pid; the milvus binary's is ``server_pid`` in ``ready_file``."""
+        return self._process.pid if self._process is not None else None
+
     async def start(self) -> None:
         """Start the child and wait until the server answers on ``port``. Idempotent."""
         if self._process is not None:
