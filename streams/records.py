@@ -43,6 +43,8 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
+# Patterns are applied with ``fullmatch``: with ``match``, ``$`` also matches before a final "\n", so
+# "acme\n" passed as a tenant and reached Milvus's filter builder, which refuses control characters.
 _ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _REQUEST_FIELDS = frozenset(
     {
@@ -232,17 +234,17 @@ def reply_topic_allowed(topic: str, default_topic: str, limits: LimitsSettings) 
     prefix = default_topic + "."
     return (
         topic.startswith(prefix)
-        and re.match(limits.reply_topic_suffix_pattern, topic[len(prefix) :]) is not None
+        and re.fullmatch(limits.reply_topic_suffix_pattern, topic[len(prefix) :]) is not None
     )
 
 
 def reply_address(data: dict[str, Any], default_topic: str, limits: LimitsSettings) -> ReplyAddress | None:
     """Best effort: the address an error reply can be sent to, or None when there is no safe one."""
     request_id = data.get("request_id")
-    if not isinstance(request_id, str) or not _ID.match(request_id):
+    if not isinstance(request_id, str) or not _ID.fullmatch(request_id):
         return None
     tenant = data.get("tenant")
-    tenant = tenant if isinstance(tenant, str) and re.match(limits.tenant_pattern, tenant) else ""
+    tenant = tenant if isinstance(tenant, str) and re.fullmatch(limits.tenant_pattern, tenant) else ""
     topic = data.get("reply_topic") or default_topic
     if not isinstance(topic, str) or not reply_topic_allowed(topic, default_topic, limits):
         topic = default_topic  # never send anything to a forged destination
@@ -267,10 +269,10 @@ def validate_request(
     if version != SCHEMA_VERSION or isinstance(version, bool):
         raise SchemaError(f"unsupported version {version!r}; this worker reads version {SCHEMA_VERSION}")
     request_id = _field(data, "request_id", str)
-    if not _ID.match(request_id):
+    if not _ID.fullmatch(request_id):
         raise SchemaError("request_id must be 1-128 characters of letters, digits and ._:-")
     tenant = _field(data, "tenant", str)
-    if not re.match(limits.tenant_pattern, tenant):
+    if not re.fullmatch(limits.tenant_pattern, tenant):
         raise SchemaError(f"tenant must match {limits.tenant_pattern}")
     if limits.tenants is not None and tenant not in limits.tenants:
         raise UnknownTenant(f"unknown tenant {tenant!r}; configured tenants: {sorted(limits.tenants)[:10]}")
