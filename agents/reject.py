@@ -89,9 +89,20 @@ class Rejecter:
             )
         except ServiceError:
             address = None
-        if address is not None and isinstance(exc, UnknownReplyTopic):
-            # the named topic does not exist: tell the client on the default reply topic instead
-            address = replace(address, reply_topic=settings.topic("replies"))
+        default = settings.topic("replies")
+        if (
+            address is not None
+            and address.reply_topic != default
+            and (
+                isinstance(exc, UnknownReplyTopic)
+                or not await self.res.topic_directory.exists(address.reply_topic)
+            )
+        ):
+            # the named topic does not exist: tell the client on the default reply topic instead. (A
+            # record rejected for another reason may name an absent topic too: sending there would
+            # auto-create it on brokers that allow it, or fail the send, and crash the agent, on
+            # brokers that do not.)
+            address = replace(address, reply_topic=default)
         log.warning(
             "rejected %s[%d]@%d: %s (%s)",
             coords.topic,
