@@ -46,7 +46,9 @@ __all__ = [
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=False)
+    # hide_input_in_errors: a validation error must not echo the section it rejected, which can hold
+    # credentials (a duplicate backend name printed every backend's token in `echolm config`'s error).
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=False, hide_input_in_errors=True)
 
 
 class KafkaSettings(_Section):
@@ -265,6 +267,7 @@ class LocalStackSettings(_Section):
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
+        hide_input_in_errors=True,  # as in _Section: errors never echo values (secrets among them)
         env_prefix="ECHOLM_",
         env_nested_delimiter="__",
         frozen=True,
