@@ -7,7 +7,8 @@ Error policy:
     * a retriable ``BackendError`` (429, 5xx, refused, timeout) -> the backend's circuit is told,
       the backend is excluded and the request re-routed, up to ``tgi.retries`` more times and
       never past the request's deadline;
-    * a non-retriable ``BackendError`` or nothing left to try -> an error reply (never silence);
+    * a non-retriable ``BackendError`` or nothing left to try -> an error reply (never silence),
+      sent before the deadline: backends get the deadline minus a margin for the reply itself;
     * a router failure -> bypass: the least-loaded healthy backend (counted);
     * anything else raises (the supervisor restarts the actor; the offset was not committed).
 
@@ -43,6 +44,8 @@ from .state import DecisionState
 __all__ = ["register_serve"]
 
 log = logging.getLogger(__name__)
+
+_REPLY_MARGIN_S = 1.0  # at most this much of a request's deadline is kept for sending its reply
 
 
 def _selected(refs: list[ExampleRef], dim: int) -> list[Selected]:
@@ -124,6 +127,10 @@ class Server:
             )
             return
 
+        # Stop waiting on backends a little before the deadline, so the error reply (a produce and the
+        # client's fetch) reaches the client before the deadline, not just after it.
+        reply_margin = min(_REPLY_MARGIN_S, 0.1 * max(0.0, request.deadline_at - start_wall))
+
         # 1. route
         t_route = time.perf_counter()
         vector = (
@@ -158,7 +165,9 @@ class Server:
             messages = build_messages(s.tgi.system_prompt, selected if small else [], request.prompt)
             generator = self.res.generators[decision.backend]
             remaining = (
-                (request.deadline_at - time.time()) if request.deadline_at else s.tgi.request_timeout_s
+                (request.deadline_at - reply_margin - time.time())
+                if request.deadline_at
+                else s.tgi.request_timeout_s
             )
             timeout = min(s.tgi.request_timeout_s, remaining)
             if timeout <= 0:
