@@ -14,21 +14,24 @@ import os
 import re
 import signal
 import time
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import httpx
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from echolm.client import EchoClient, Reply
 from infra.kafka import kafka_client_kwargs
-from infra.localstack import free_port
-from infra.settings import BackendSettings, Settings
+from infra.localstack import LocalStack, create_topics, free_port
+from infra.settings import BackendSettings, Settings, load_settings
 from infra.tgi_dev.process import DevServerProcess
 from infra.workers import WorkerProcess
+from streams.topology import topic_specs
 
 from .conftest import Pipeline
 
@@ -36,6 +39,7 @@ __all__ = [
     "OwnedBackend",
     "backends_section",
     "collect_replies",
+    "make_pipeline",
     "owned_backends",
     "read_topic",
     "shutdown_counts",
@@ -96,6 +100,19 @@ class OwnedBackend:
         self.server.start(wait=False)
         await self.server.wait_ready_async()
 
+    async def failures(self, error_type: str) -> float:
+        """The server's ``tgi_request_failure{err=...}`` counter (``overloaded`` counts its 429s)."""
+        async with httpx.AsyncClient(timeout=5) as http:
+            text = (await http.get(f"{self.url}/metrics")).text
+        needle = f'tgi_request_failure{{err="{error_type}"}} '
+        return sum(float(line[len(needle) :]) for line in text.splitlines() if line.startswith(needle))
+
+    async def restart(self) -> None:
+        """Stop (if running) and start again on the same port, with the current fields."""
+        await self.stop()
+        self.server = None
+        await self.start()
+
     def kill(self) -> None:
         """SIGKILL: the process dies at once, connections are reset."""
         if self.server is not None and self.server.pid is not None and self.server.running:
@@ -112,10 +129,11 @@ class OwnedBackend:
         os.kill(self.server.pid, signal.SIGCONT)
 
     async def stop(self) -> None:
-        if self.server is not None:
+        if self.server is not None and self.server.running:
             with contextlib.suppress(ProcessLookupError):
-                if self.server.pid is not None and self.server.running:
+                if self.server.pid is not None:
                     os.kill(self.server.pid, signal.SIGCONT)  # a frozen server cannot handle SIGTERM
+        if self.server is not None:
             await self.server.astop()
 
 
@@ -128,6 +146,37 @@ async def owned_backends(backends: Sequence[OwnedBackend], log_dir: Path) -> Asy
         yield
     finally:
         await asyncio.gather(*(b.stop() for b in backends), return_exceptions=True)
+
+
+async def make_pipeline(
+    stack: LocalStack,
+    log_dir: Path,
+    *,
+    bootstrap_servers: str | None = None,
+    milvus_uri: str | None = None,
+    **sections: dict[str, Any],
+) -> Pipeline:
+    """What ``pipeline_factory`` builds (unique topics, group and collection), for fixtures of a wider
+    scope than a function and for tests with their own broker or Milvus server; no workers yet
+    (``start_workers``)."""
+    tag = uuid.uuid4().hex[:8]
+    overrides: dict[str, Any] = {
+        "kafka": {"topic_prefix": f"t{tag}"},
+        "milvus": {"collection": f"c{tag}"},
+        "worker": {"app_id": f"g{tag}", "metrics_port": 0, "data_dir": str(log_dir / "worker")},
+        "replay": {"interval_s": 1.0},
+    }
+    for section, values in sections.items():
+        overrides[section] = {**overrides.get(section, {}), **values}
+    settings = stack.apply(load_settings(**overrides))
+    update: dict[str, Any] = {}
+    if bootstrap_servers is not None:
+        update["kafka"] = settings.kafka.model_copy(update={"bootstrap_servers": bootstrap_servers})
+    if milvus_uri is not None:
+        update["milvus"] = settings.milvus.model_copy(update={"uri": milvus_uri})
+    settings = settings.model_copy(update=update)
+    await create_topics(settings.kafka.bootstrap_servers, topic_specs(settings))
+    return Pipeline(settings=settings, log_dir=log_dir)
 
 
 def backends_section(backends: Iterable[OwnedBackend | BackendSettings], **tgi: Any) -> dict[str, Any]:
@@ -193,7 +242,7 @@ async def read_topic(settings: Settings, topic: str) -> list[dict[str, Any]]:
         deadline = time.monotonic() + 60
         while remaining and time.monotonic() < deadline:
             batch = await consumer.getmany(*remaining, timeout_ms=500)
-            for tp, messages in batch.items():
+            for messages in batch.values():
                 out.extend(orjson.loads(m.value) for m in messages if m.value)
             for tp in list(remaining):
                 if await consumer.position(tp) >= ends[tp]:

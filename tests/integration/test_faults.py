@@ -17,19 +17,32 @@ Never asserts on reply wording.
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 from echolm.client import EchoClient, Reply
+from infra.kafka import kafka_client_kwargs
+from infra.localstack import LocalStack, MilvusServer, TansuBroker, create_topics, free_port
+from infra.milvus import MilvusExampleStore
+from infra.settings import Settings
 from infra.workers import WorkerProcess
+from streams.topology import topic_specs
 
-from .conftest import PipelineFactory
+from .conftest import Pipeline
 from .fleet import (
+    FAST,
     OwnedBackend,
     backends_section,
     collect_replies,
+    make_pipeline,
     owned_backends,
     per_id,
     read_topic,
@@ -49,48 +62,87 @@ def _tiers(**service: float) -> list[OwnedBackend]:
     return [small, large]
 
 
-# ------------------------------------------------------------------------------- worker crash
-async def test_sigkill_mid_stream_every_request_answered_exactly_once(
-    pipeline_factory: PipelineFactory, tmp_path: Path
-) -> None:
-    n, rate = 500, 50.0  # 10 s of traffic; the kill lands about 2 s in
+# ------------------------------------------------------------------ worker crash and shutdown
+@dataclass
+class WorkerPool:
+    """A pipeline on two emulated backends; the tests kill and add workers (at most 3 start in all)."""
+
+    pipeline: Pipeline
+    backends: list[OwnedBackend]
+
+    @property
+    def settings(self) -> Settings:
+        return self.pipeline.settings
+
+    def live(self) -> list[WorkerProcess]:
+        return [w for w in self.pipeline.workers if w.running]
+
+    async def ensure(self, n: int) -> list[WorkerProcess]:
+        missing = n - len(self.live())
+        if missing > 0:
+            await start_workers(self.pipeline, missing)
+        return self.live()[:n]
+
+
+@pytest.fixture(scope="module")
+async def worker_pool(
+    local_stack: LocalStack, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[WorkerPool]:
+    log_dir = tmp_path_factory.mktemp("worker-pool")
     backends = _tiers()
-    async with owned_backends(backends, tmp_path):
-        pipeline = await pipeline_factory(workers=0, tgi=backends_section(backends))
-        settings = pipeline.settings
-        victim, survivor = await start_workers(pipeline, 2)
-        got: dict[str, Reply] = {}
-        ids: list[str] = []
-        replacement: asyncio.Task[list[WorkerProcess]] | None = None
-        killed_at = 0.0
-        async with EchoClient(settings) as client:
+    async with owned_backends(backends, log_dir):
+        pipeline = await make_pipeline(
+            local_stack, log_dir, tgi=backends_section(backends), worker={"shutdown_grace_s": 6.0}
+        )
+        try:
+            yield WorkerPool(pipeline, backends)
+        finally:
+            await pipeline.stop()
 
-            async def read() -> None:
-                async for reply in client.replies():
-                    got[reply.request_id] = reply
 
-            reader = asyncio.create_task(read())
-            began = time.monotonic()
-            for i in range(n):
-                ids.append(await client.send(f"Stream item {i}: say ok.", tenant="acme", max_new_tokens=4))
-                if replacement is None and len(got) >= 80:
-                    victim.kill()
-                    killed_at = time.monotonic()
-                    replacement = asyncio.create_task(start_workers(pipeline, 1))
-                await asyncio.sleep(max(0.0, began + (i + 1) / rate - time.monotonic()))
-            assert replacement is not None, "the victim was never killed: too few replies too early"
-            (fresh,) = await replacement
-            await collect_replies(client, set(ids), timeout_s=90, into=got)
-            reader.cancel()
-            client_duplicates = client.duplicates
-        await asyncio.sleep(1.0)  # let late duplicates land before reading the topics
+async def test_sigkill_mid_stream_every_request_answered_exactly_once(worker_pool: WorkerPool) -> None:
+    n, rate = 500, 50.0  # 10 s of traffic (faster than one worker drains it); the kill lands early
+    settings = worker_pool.settings
+    victim, survivor = await worker_pool.ensure(2)
+    got: dict[str, Reply] = {}
+    ids: list[str] = []
+    replacement: asyncio.Task[list[WorkerProcess]] | None = None
+    killed_at = 0.0
+    async with EchoClient(settings) as client:
 
-        replies = await read_topic(settings, settings.topic("replies"))
-        logs = await read_topic(settings, settings.topic("log"))
-        prepared = await read_topic(settings, settings.topic("prepared"))
+        async def read() -> None:
+            async for reply in client.replies():
+                got[reply.request_id] = reply
+
+        reader = asyncio.create_task(read())
+        began = time.monotonic()
+        for i in range(n):
+            ids.append(await client.send(f"Stream item {i}: say ok.", tenant="acme", max_new_tokens=4))
+            if replacement is None and len(got) >= 40:
+                victim.kill()
+                killed_at = time.monotonic()
+                replacement = asyncio.create_task(start_workers(worker_pool.pipeline, 1))
+            await asyncio.sleep(max(0.0, began + (i + 1) / rate - time.monotonic()))
+        assert replacement is not None, "the victim was never killed: too few replies too early"
+        (fresh,) = await replacement
+        await collect_replies(client, set(ids), timeout_s=120, into=got)
+        reader.cancel()
+        client_duplicates = client.duplicates
+    await asyncio.sleep(1.0)  # let late duplicates land before reading the topics
+
+    wanted = set(ids)
+    replies = [r for r in await read_topic(settings, settings.topic("replies")) if r["request_id"] in wanted]
+    logs = [
+        r for r in await read_topic(settings, settings.topic("log")) if r["request"]["request_id"] in wanted
+    ]
+    prepared = [
+        r
+        for r in await read_topic(settings, settings.topic("prepared"))
+        if r["request"]["request_id"] in wanted
+    ]
 
     # The client's view: every request answered, each exactly once, all successfully.
-    assert set(got) == set(ids), f"{len(set(ids) - set(got))} requests never answered"
+    assert set(got) == wanted, f"{len(wanted - set(got))} requests never answered"
     assert all(r.ok for r in got.values()), [r for r in got.values() if not r.ok][:3]
     pids = {worker_pid(r) for r in got.values()}
     assert victim.pid in pids and survivor.pid in pids, pids
@@ -108,17 +160,15 @@ async def test_sigkill_mid_stream_every_request_answered_exactly_once(
     )
 
 
-# ------------------------------------------------------------------------- graceful shutdown
-async def test_sigterm_drains_in_flight_within_grace(
-    pipeline_factory: PipelineFactory, tmp_path: Path
-) -> None:
+async def test_sigterm_drains_in_flight_within_grace(worker_pool: WorkerPool) -> None:
+    settings = worker_pool.settings
+    leaving, staying = await worker_pool.ensure(2)
+    grace = settings.worker.shutdown_grace_s
     # About 1.3 s per request (160 ms per token, 8 tokens), 8 at a time per worker.
-    backends = _tiers(decode_ms_per_token=160.0)
-    grace = 6.0
-    async with owned_backends(backends, tmp_path):
-        pipeline = await pipeline_factory(workers=0, tgi=backends_section(backends))
-        settings = pipeline.settings
-        leaving, staying = await start_workers(pipeline, 2, shutdown_grace_s=grace)
+    for backend in worker_pool.backends:
+        backend.service["decode_ms_per_token"] = 160.0
+        await backend.restart()
+    try:
         async with EchoClient(settings) as client:
             ids = [
                 await client.send(f"Drain item {i}: say ok.", tenant="acme", max_new_tokens=8)
@@ -131,6 +181,7 @@ async def test_sigterm_drains_in_flight_within_grace(
                 assert time.monotonic() < deadline
                 await collect_replies(client, set(ids), timeout_s=0.2, into=got)
             signalled = time.monotonic()
+            signalled_at = time.strftime("%H:%M:%S")
             stopping = asyncio.create_task(leaving.stop(timeout_s=grace + 20))
             arrivals: dict[str, float] = {}
             while not set(ids) <= got.keys() and time.monotonic() < signalled + 120:
@@ -140,6 +191,10 @@ async def test_sigterm_drains_in_flight_within_grace(
                     arrivals[rid] = time.monotonic()
             exit_code = await stopping
             exited = time.monotonic()
+    finally:
+        for backend in worker_pool.backends:
+            backend.service["decode_ms_per_token"] = FAST["decode_ms_per_token"]
+            await backend.restart()
 
     assert set(got) == set(ids), f"{len(set(ids) - set(got))} requests never answered"
     assert all(r.ok for r in got.values())
@@ -156,5 +211,455 @@ async def test_sigterm_drains_in_flight_within_grace(
     print(
         f"\nsigterm: {in_flight} in flight at the signal, all drained; {len(late)} answered by the leaving "
         f"worker after the signal, {sum(worker_pid(got[r]) == staying.pid for r in arrivals)} by the other; "
-        f"exit {exit_code} after {exited - signalled:.1f}s"
+        f"exit {exit_code} after {exited - signalled:.1f}s (grace {grace:g}s; SIGTERM at {signalled_at})"
+    )
+
+
+# ----------------------------------------------------------------------------- backend faults
+@dataclass
+class LlamaFleet:
+    """One worker in front of two real dev TGI servers (SmolLM2) of the large tier, owned by the module."""
+
+    pipeline: Pipeline
+    a: OwnedBackend
+    b: OwnedBackend
+    worker: WorkerProcess
+
+    @property
+    def settings(self) -> Settings:
+        return self.pipeline.settings
+
+
+# Generous for SmolLM2 on two busy cores (one llama server decodes one sequence at a time), short
+# enough that a hung attempt costs little. The worker keeps at most 4 requests in flight.
+REQUEST_TIMEOUT_S = 8.0
+CIRCUIT_RESET_S = 2.0
+
+
+@pytest.fixture(scope="module")
+async def llama_fleet(
+    local_stack: LocalStack, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[LlamaFleet]:
+    log_dir = tmp_path_factory.mktemp("llama-fleet")
+    a = OwnedBackend("large-a", "large", engine="llama", cost=10.0, quality_prior=0.8)
+    b = OwnedBackend("large-b", "large", engine="llama", cost=10.0, quality_prior=0.8)
+    async with owned_backends([a, b], log_dir):
+        tgi = backends_section(
+            [a, b],
+            request_timeout_s=REQUEST_TIMEOUT_S,
+            circuit_failures=3,
+            circuit_reset_s=CIRCUIT_RESET_S,
+            retries=2,
+        )
+        pipeline = await make_pipeline(local_stack, log_dir, tgi=tgi, worker={"concurrency": 4})
+        try:
+            (worker,) = await start_workers(pipeline, 1)
+            yield LlamaFleet(pipeline, a, b, worker)
+        finally:
+            await pipeline.stop()
+
+
+@pytest.fixture
+async def fleet(llama_fleet: LlamaFleet) -> AsyncIterator[LlamaFleet]:
+    """The module's fleet, with both backends healthy before and after each test."""
+    await _restore(llama_fleet)
+    yield llama_fleet
+    await _restore(llama_fleet)
+
+
+async def _restore(fleet: LlamaFleet) -> None:
+    changed = False
+    for backend in (fleet.a, fleet.b):
+        baseline = backend.engine == "llama" and backend.max_concurrent_requests == 128
+        if not baseline or backend.server is None or not backend.server.running:
+            backend.engine, backend.max_concurrent_requests = "llama", 128
+            await backend.restart()
+            changed = True
+        else:
+            backend.thaw()
+    if changed:  # circuits opened by the last test half-open after the reset time
+        await asyncio.sleep(CIRCUIT_RESET_S + 0.5)
+    assert fleet.worker.running, fleet.worker.log_tail()
+
+
+async def _ask_many(client: EchoClient, n: int, tag: str, **kw: Any) -> dict[str, Reply]:
+    ids = {
+        await client.send(f"{tag} {i}: name a colour.", tenant="acme", max_new_tokens=4, **kw)
+        for i in range(n)
+    }
+    got = await collect_replies(client, ids, timeout_s=120)
+    assert set(got) == ids, f"{len(ids - set(got))} of {n} requests got no reply (silence)"
+    return got
+
+
+async def _routes(settings: Settings, ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+    wanted = set(ids)
+    return {
+        r["request"]["request_id"]: r["route"]
+        for r in await read_topic(settings, settings.topic("log"))
+        if r["request"]["request_id"] in wanted and r.get("origin") == "serve"
+    }
+
+
+async def test_backend_killed_and_restarted_under_load(fleet: LlamaFleet) -> None:
+    a, b = fleet.a, fleet.b
+    async with EchoClient(fleet.settings) as client:
+        ids = {
+            await client.send(f"Load {i}: name a colour.", tenant="acme", max_new_tokens=4) for i in range(16)
+        }
+        got: dict[str, Reply] = {}
+        deadline = time.monotonic() + 60
+        while not any(r.backend == a.name for r in got.values()):  # a is surely busy now
+            assert time.monotonic() < deadline, "large-a never answered"
+            await collect_replies(client, ids, timeout_s=0.1, into=got)
+        a.kill()
+        await collect_replies(client, ids, timeout_s=120, into=got)
+        assert set(got) == ids and all(r.ok for r in got.values()), [r for r in got.values() if not r.ok]
+
+        down = await _ask_many(client, 10, "While down")
+        assert all(r.ok and r.backend == b.name for r in down.values())
+
+        await a.start()  # the same port: the worker's URL for it is valid again
+        await asyncio.sleep(CIRCUIT_RESET_S + 0.5)
+        back = await _ask_many(client, 12, "Back")
+    assert all(r.ok for r in back.values())
+    assert any(r.backend == a.name for r in back.values()), "large-a was never probed back into service"
+    routes = await _routes(fleet.settings, ids)
+    retried = [rid for rid, route in routes.items() if route["attempts"] > 1]
+    assert retried, "requests in flight on the killed backend must have been retried on the other"
+    assert all(got[rid].backend == b.name for rid in retried)
+    print(
+        f"\nkill/restart: {len(retried)} of 16 retried on {b.name}; "
+        f"{sum(r.backend == a.name for r in back.values())} of 12 back on {a.name}"
+    )
+
+
+async def test_overloaded_backend_429_is_retried_elsewhere(fleet: LlamaFleet) -> None:
+    a, b = fleet.a, fleet.b
+    a.max_concurrent_requests = 1  # past one request in flight it answers 429 "Model is overloaded"
+    await a.restart()
+    async with EchoClient(fleet.settings) as client:
+        got = await _ask_many(client, 16, "Overload")
+    assert all(r.ok for r in got.values()), [r for r in got.values() if not r.ok]
+    overloaded = await a.failures("overloaded")
+    assert overloaded > 0, "the worker never pushed large-a past its limit: the test proves nothing"
+    routes = await _routes(fleet.settings, got)
+    assert any(route["attempts"] > 1 for route in routes.values())
+    print(
+        f"\n429: {overloaded:.0f} answered 429 by {a.name}, all 16 served "
+        f"({sum(r.backend == b.name for r in got.values())} by {b.name})"
+    )
+
+
+async def test_frozen_backend_times_out_and_goes_stale(fleet: LlamaFleet) -> None:
+    """SIGSTOP while it holds requests: generation and /metrics hang. Those requests time out and
+    move; the probe marks the backend unhealthy, so new ones avoid it without waiting for a timeout."""
+    a, b = fleet.a, fleet.b
+    async with EchoClient(fleet.settings) as client:
+        ids = {
+            await client.send(f"Frozen {i}: name a colour.", tenant="acme", max_new_tokens=4)
+            for i in range(12)
+        }
+        got: dict[str, Reply] = {}
+        deadline = time.monotonic() + 60
+        while not any(r.backend == a.name for r in got.values()):  # a is surely busy now
+            assert time.monotonic() < deadline, "large-a never answered"
+            await collect_replies(client, ids, timeout_s=0.1, into=got)
+        a.freeze()
+        frozen_at = time.monotonic()
+        await collect_replies(client, ids, timeout_s=120, into=got)
+        after = await _ask_many(client, 6, "While frozen", deadline_s=30)
+        a.thaw()
+    assert set(got) == ids and all(r.ok for r in got.values()), [r for r in got.values() if not r.ok]
+    assert all(r.ok and r.backend == b.name for r in after.values())
+    assert max(r.latency_s for r in after.values()) < REQUEST_TIMEOUT_S, (
+        "new requests waited on the frozen one"
+    )
+    routes = await _routes(fleet.settings, set(got) | set(after))
+    retried = [rid for rid in got if routes[rid]["attempts"] > 1]
+    assert retried, "requests held by the frozen backend must have timed out and moved"
+    avoided = [
+        r
+        for r in routes.values()
+        if a.name in r["reason"] and ("unhealthy" in r["reason"] or "circuit" in r["reason"])
+    ]
+    assert avoided, "no routing decision saw large-a as unhealthy or open while it was frozen"
+    print(
+        f"\nfrozen: {len(retried)} timed out on {a.name} and moved; {len(avoided)} decisions avoided it; "
+        f"new requests served in at most {max(r.latency_s for r in after.values()):.1f}s "
+        f"({time.monotonic() - frozen_at:.1f}s frozen)"
+    )
+
+
+async def test_hanging_backend_times_out_and_retries(fleet: LlamaFleet) -> None:
+    """An emulated backend that answers /metrics but never finishes a generation."""
+    a, b = fleet.a, fleet.b
+    a.engine = "emulated"
+    a.service = {"prefill_ms_per_token": 0.1, "decode_ms_per_token": 600_000.0, "batch_slowdown": 0.0}
+    await a.restart()
+    async with EchoClient(fleet.settings) as client:
+        got = await _ask_many(client, 10, "Hang", deadline_s=60)
+    assert all(r.ok and r.backend == b.name for r in got.values()), [r for r in got.values() if not r.ok]
+    routes = await _routes(fleet.settings, got)
+    retried = [r for r in routes.values() if r["attempts"] > 1]
+    assert retried, "no request was sent to the hanging backend"
+    assert max(r.latency_s for r in got.values()) < 60
+
+
+async def test_nothing_can_serve_error_reply_before_deadline(fleet: LlamaFleet) -> None:
+    a, b = fleet.a, fleet.b
+    deadline_s = 10.0
+    async with EchoClient(fleet.settings) as client:
+        a.kill()
+        b.kill()
+        refused = await _ask_many(client, 5, "Refused", deadline_s=deadline_s)
+        await a.start()
+        await b.start()
+        await asyncio.sleep(CIRCUIT_RESET_S + 0.5)
+        a.freeze()
+        b.freeze()
+        hung = await _ask_many(client, 3, "Hung", deadline_s=deadline_s)
+    for reply in [*refused.values(), *hung.values()]:
+        assert not reply.ok and reply.error_code == "no_backend_available", reply
+        assert reply.latency_s < deadline_s, f"error reply after the deadline: {reply.latency_s:.2f}s"
+    print(
+        f"\nnothing can serve: refused -> error in {max(r.latency_s for r in refused.values()):.2f}s, "
+        f"hung -> error in {max(r.latency_s for r in hung.values()):.2f}s (deadline {deadline_s}s)"
+    )
+
+
+# -------------------------------------------------------------------------- dependency faults
+async def _prepared_bypass(settings: Settings, ids: Iterable[str]) -> dict[str, str]:
+    """request id -> ``selection_bypassed`` of its latest prepared record ("" = selection ran)."""
+    wanted = set(ids)
+    out: dict[str, str] = {}
+    for record in await read_topic(settings, settings.topic("prepared")):
+        rid = record["request"]["request_id"]
+        if rid in wanted:
+            out[rid] = record["selection_bypassed"]
+    return out
+
+
+async def _count_examples(settings: Settings, tenant: str) -> int:
+    async with MilvusExampleStore(settings.milvus) as store:
+        return await store.count(tenant)
+
+
+SEED = [
+    "How do I reset my password?",
+    "How do I cancel my subscription?",
+    "What is the capital of France?",
+    "How long does shipping to Canada take?",
+    "How do I change my email address?",
+    "Do you offer student discounts?",
+]
+PARAPHRASES = [
+    "How can I reset my password?",
+    "How can I cancel my subscription?",
+    "What's the capital city of France?",
+    "How long does delivery to Canada take?",
+    "How can I change my e-mail address?",
+    "Is there a discount for students?",
+]
+
+
+async def test_milvus_down_serves_without_examples_and_recovers(
+    local_stack: LocalStack, tmp_path: Path
+) -> None:
+    milvus = MilvusServer(data_dir=tmp_path / "milvus", port=free_port())
+    backends = _tiers()
+    await milvus.start()
+    try:
+        async with owned_backends(backends, tmp_path):
+            pipeline = await make_pipeline(
+                local_stack, tmp_path, milvus_uri=milvus.uri, tgi=backends_section(backends)
+            )
+            settings = pipeline.settings
+            try:
+                await start_workers(pipeline, 1)
+                async with EchoClient(settings) as client:
+                    for prompt in SEED:  # one at a time: idle backends, the large tier answers, admitted
+                        assert (await client.ask(prompt, tenant="acme", timeout=60, max_new_tokens=4)).ok
+                    deadline = time.monotonic() + 30
+                    while await _count_examples(settings, "acme") < len(SEED):
+                        assert time.monotonic() < deadline, "seed answers were never admitted"
+                        await asyncio.sleep(0.5)
+                    warm = {await client.send(p, tenant="acme", max_new_tokens=4) for p in PARAPHRASES}
+                    before = await collect_replies(client, warm, timeout_s=60)
+                    assert set(before) == warm
+
+                    await milvus.stop()
+                    stopped = time.monotonic()
+                    outage = await _ask_many(client, 12, "During the outage", deadline_s=60)
+                    outage_s = time.monotonic() - stopped
+
+                    await milvus.start()
+                    restarted = time.monotonic()
+                    recovered_after = None
+                    rounds = 0
+                    while recovered_after is None and time.monotonic() < restarted + 120:
+                        rounds += 1
+                        probe = {await client.send(p, tenant="acme", max_new_tokens=4) for p in PARAPHRASES}
+                        replies = await collect_replies(client, probe, timeout_s=60)
+                        assert set(replies) == probe and all(r.ok for r in replies.values())
+                        bypass = await _prepared_bypass(settings, probe)
+                        if all(v == "" for v in bypass.values()):
+                            recovered_after = time.monotonic() - restarted
+                        else:
+                            await asyncio.sleep(1.0)
+                # Answers given during the outage were admitted once Milvus came back (nothing skipped).
+                deadline = time.monotonic() + 60
+                while await _count_examples(settings, "acme") < len(SEED) + len(outage):
+                    assert time.monotonic() < deadline, "answers from the outage were never admitted"
+                    await asyncio.sleep(1.0)
+                warm_bypass = await _prepared_bypass(settings, warm)
+                outage_bypass = await _prepared_bypass(settings, outage)
+                warm_examples = [
+                    r
+                    for r in await read_topic(settings, settings.topic("prepared"))
+                    if r["request"]["request_id"] in warm and r["examples"]
+                ]
+            finally:
+                await pipeline.stop()
+    finally:
+        await milvus.stop()
+
+    assert all(v == "" for v in warm_bypass.values()) and warm_examples, "selection ran before the outage"
+    assert all(r.ok for r in outage.values()), [r for r in outage.values() if not r.ok]
+    assert len(outage_bypass) == len(outage) and all(outage_bypass.values()), outage_bypass
+    assert recovered_after is not None, "selection never came back after Milvus restarted"
+    print(
+        f"\nmilvus down: {len(outage)} served without examples in {outage_s:.1f}s "
+        f"(bypass reasons {sorted(set(outage_bypass.values()))}); selection back {recovered_after:.1f}s "
+        f"after the restart ({rounds} rounds)"
+    )
+
+
+async def _group_positions(settings: Settings, topics: Iterable[str]) -> dict[tuple[str, int], int]:
+    """The worker group's committed offset per (topic, partition) (absent: none committed)."""
+    tps = [TopicPartition(settings.topic(t), p) for t in topics for p in range(settings.kafka.partitions)]
+    admin = AIOKafkaAdminClient(**kafka_client_kwargs(settings))
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(settings.worker.app_id, partitions=tps)
+    finally:
+        await admin.close()
+    return {(tp.topic, tp.partition): meta.offset for tp, meta in offsets.items() if meta.offset >= 0}
+
+
+async def _offsets_by_id(settings: Settings, topic: str) -> dict[str, tuple[int, int]]:
+    """request id (the record key) -> (partition, offset) of its first record on ``topic``."""
+    consumer = AIOKafkaConsumer(**kafka_client_kwargs(settings), group_id=None, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        name = settings.topic(topic)
+        tps = [TopicPartition(name, p) for p in sorted(consumer.partitions_for_topic(name) or [])]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        out: dict[str, tuple[int, int]] = {}
+        while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
+            for tp, messages in (await consumer.getmany(timeout_ms=500)).items():
+                for m in messages:
+                    out.setdefault((m.key or b"").decode(), (tp.partition, m.offset))
+        return out
+    finally:
+        await consumer.stop()
+
+
+async def test_broker_outage_and_restart(local_stack: LocalStack, tmp_path: Path) -> None:
+    """Two broker faults against one worker and its own Tansu broker.
+
+    1. Outage without data loss (SIGSTOP for longer than the group session, then SIGCONT): what a
+       Kafka broker restart looks like to clients, since Kafka keeps its log. Every request sent
+       before, during and after is answered, exactly once as the client sees it, by the same worker.
+    2. Restart of the memory-only Tansu broker: it comes back empty and topics are re-created. The
+       worker reconnects and rejoins, and requests from a new client are served, except (documented
+       in docs/reliability.md) records the new broker placed below a position the group held before
+       the restart: consumers keep positions across the restart and skip those offsets.
+    """
+    port = free_port()
+    broker = TansuBroker(port=port, log_path=tmp_path / "tansu.log")
+    backends = _tiers()
+    await broker.start()
+    try:
+        async with owned_backends(backends, tmp_path):
+            pipeline = await make_pipeline(
+                local_stack,
+                tmp_path,
+                bootstrap_servers=broker.bootstrap_servers,
+                tgi=backends_section(backends),
+            )
+            settings = pipeline.settings
+            try:
+                (worker,) = await start_workers(pipeline, 1)
+                async with EchoClient(settings) as client:
+                    # 1. outage
+                    before = {
+                        await client.send(f"Before {i}", tenant="acme", max_new_tokens=4) for i in range(10)
+                    }
+                    assert broker._process is not None
+                    broker._process.send_signal(signal.SIGSTOP)
+                    frozen_at = time.monotonic()
+                    sending = asyncio.gather(
+                        *(client.send(f"During {i}", tenant="acme", max_new_tokens=4) for i in range(10))
+                    )
+                    await asyncio.sleep(3 * settings.kafka.session_timeout_s + 2)
+                    broker._process.send_signal(signal.SIGCONT)
+                    during = set(await sending)
+                    after = {
+                        await client.send(f"After {i}", tenant="acme", max_new_tokens=4) for i in range(10)
+                    }
+                    outage = await collect_replies(client, before | during | after, timeout_s=120)
+                    outage_s = time.monotonic() - frozen_at
+                    outage_duplicates = client.duplicates
+                old_positions = await _group_positions(settings, ("requests", "prepared"))
+
+                # 2. restart: a new, empty broker on the same port
+                await broker.stop()
+                broker = TansuBroker(port=port, log_path=tmp_path / "tansu-2.log")
+                await broker.start()
+                restarted = time.monotonic()
+                await create_topics(broker.bootstrap_servers, topic_specs(settings))
+                async with EchoClient(settings) as client:
+                    ids = {
+                        await client.send(f"Restart {i}", tenant="acme", max_new_tokens=4) for i in range(16)
+                    }
+                    served = await collect_replies(client, ids, timeout_s=45)
+                    restart_s = time.monotonic() - restarted
+                    placed = await _offsets_by_id(settings, "requests")
+                    prepared_at = await _offsets_by_id(settings, "prepared")
+                    extra = {
+                        await client.send(f"Later {i}", tenant="acme", max_new_tokens=4) for i in range(16)
+                    }
+                    later = await collect_replies(client, extra, timeout_s=45)
+                alive = worker.running
+                rejoined = worker.log_path.read_text(errors="replace").count("Worker ready") >= 2
+            finally:
+                await pipeline.stop()
+    finally:
+        await broker.stop()
+
+    everything = before | during | after
+    assert set(outage) == everything, f"{len(everything - set(outage))} lost across the outage"
+    assert all(r.ok for r in outage.values())
+    assert alive and rejoined, worker.log_tail()
+    assert served and later, "nothing was served after the broker restart"
+
+    def below_old_position(rid: str) -> bool:
+        p, o = placed[rid]
+        if o < old_positions.get((settings.topic("requests"), p), 0):
+            return True
+        if rid in prepared_at:
+            p, o = prepared_at[rid]
+            return o < old_positions.get((settings.topic("prepared"), p), 0)
+        return False
+
+    missing = (ids | extra) - set(served) - set(later)
+    assert all(below_old_position(rid) for rid in missing), "a request above the old positions was lost"
+    print(
+        f"\nbroker outage: {len(everything)} answered once across a {outage_s:.1f}s freeze "
+        f"({outage_duplicates} duplicates dropped by the client); restart: {len(served)}/{len(ids)} then "
+        f"{len(later)}/{len(extra)} served, {len(missing)} skipped below the old positions "
+        f"{sorted(old_positions.values())}, first reply {restart_s:.1f}s after the restart"
     )
