@@ -330,7 +330,9 @@ def test_feedback_is_asked_only_when_the_top_two_are_close(small_mean: float, as
 
 @pytest.mark.parametrize(("small_mean", "expected_tier"), [(0.80, "small"), (0.76, "small"), (0.74, "large")])
 def test_cost_breaks_near_ties_toward_the_cheaper_tier(small_mean: float, expected_tier: str) -> None:
-    settings = ROUTING.model_copy(update={"cost_weight": 0.05})  # large (cost 10 of 10) pays 0.05, small 0.005
+    settings = ROUTING.model_copy(
+        update={"cost_weight": 0.05}
+    )  # large (cost 10 of 10) pays 0.05, small 0.005
     idle = {"small-0": depth("small-0", 0), "large-0": depth("large-0", 0)}
     assert route(estimates(small_mean, 0.8), idle, settings=settings).tier == expected_tier
 

@@ -108,12 +108,16 @@ def test_records_round_trip_through_orjson_codec() -> None:
     request = parse_request(_raw(), default_reply_topic=DEFAULT, limits=LIMITS)
     vec = np.linspace(-1, 1, 384, dtype=np.float32)
     ref = ExampleRef(example_id="e", request="q", response="a", similarity=0.9, utility=0.7)
-    prepared = PreparedRecord(request=request, embedding=encode_vector(vec), examples=[ref], timings_ms={"embed": 1.5})
+    prepared = PreparedRecord(
+        request=request, embedding=encode_vector(vec), examples=[ref], timings_ms={"embed": 1.5}
+    )
     back = PreparedRecord.loads(prepared.dumps())
     assert back.request.prompt == "hello" and back.examples[0].utility == 0.7
     assert np.array_equal(decode_vector(back.embedding), vec)
     reply = ReplyRecord(request_id="r1", tenant="acme", ok=False, error=ErrorInfo(code="x", message="y"))
-    log = LogRecord(request=request, embedding="", examples=[ref], route=RouteInfo(backend="b", tier="small"), reply=reply)
+    log = LogRecord(
+        request=request, embedding="", examples=[ref], route=RouteInfo(backend="b", tier="small"), reply=reply
+    )
     back_log = LogRecord.loads(log.dumps())
     assert back_log.reply.error is not None and back_log.reply.error.code == "x"
     assert back_log.route is not None and back_log.route.tier == "small"
