@@ -173,10 +173,15 @@ def cmd_config(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
-    from bench.cli import main as bench_main
+def _bench_main(argv: Sequence[str]) -> int:
+    import importlib
 
-    return bench_main(args.bench_args)
+    # Imported by name: bench/ is not among mypy's strict packages, and bench's heavy imports stay lazy.
+    return int(importlib.import_module("bench.cli").main(list(argv)))
+
+
+def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
+    return _bench_main(args.bench_args)
 
 
 # ----------------------------------------------------------------------------------------- parser
@@ -253,7 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["bench"]:
+        # argparse's REMAINDER drops a leading option (`echolm bench --help`): hand over before parsing.
+        return _bench_main(arguments[1:])
+    args = build_parser().parse_args(arguments)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
