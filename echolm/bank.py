@@ -19,18 +19,18 @@ from pathlib import Path
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from infra.milvus import MilvusExampleStore
 from tqdm import tqdm
 
 from agents.admit import apply_log_records
 from infra.embedding import SentenceTransformerEmbedder
 from infra.kafka import kafka_client_kwargs
+from infra.milvus import MilvusExampleStore
 from infra.protocols import VectorStore
 from infra.settings import Settings
 from streams.codecs import encode_vector, register_codecs
 from streams.records import LogRecord, ReplyRecord, RequestRecord, RouteInfo
 
-__all__ = ["export_bank", "import_bank", "read_log", "rebuild_cache"]
+__all__ = ["apply_log", "export_bank", "import_bank", "read_log", "read_topic", "rebuild_cache"]
 
 _BATCH = 64
 
@@ -156,35 +156,36 @@ async def export_bank(settings: Settings, out: str, *, tenant: str, quiet: bool 
     return 0
 
 
-async def read_log(settings: Settings) -> list[LogRecord]:
-    """Every record on the log topic now, in partition order (one tenant's history stays ordered)."""
-    register_codecs()
-    topic = settings.topic("log")
+async def read_topic(settings: Settings, topic: str, *, timeout_s: float = 60.0) -> list[bytes]:
+    """Every value on ``topic`` now, partition by partition (each partition's order kept)."""
     consumer = AIOKafkaConsumer(**kafka_client_kwargs(settings), group_id=None, enable_auto_commit=False)
     await consumer.start()
     try:
-        partitions = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or set())]
         if not tps:
             return []
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         ends = await consumer.end_offsets(tps)
-        records: list[LogRecord] = []
+        values: list[bytes] = []
         remaining = {tp for tp in tps if ends[tp] > await consumer.position(tp)}
-        while remaining:
-            batch = await consumer.getmany(*remaining, timeout_ms=1000)
-            for tp, messages in batch.items():
-                records.extend(LogRecord.loads(m.value) for m in messages if m.value)
-                if messages and messages[-1].offset + 1 >= ends[tp]:
+        deadline = time.monotonic() + timeout_s
+        while remaining and time.monotonic() < deadline:
+            batch = await consumer.getmany(*remaining, timeout_ms=500)
+            for messages in batch.values():
+                values.extend(m.value for m in messages if m.value)
+            for tp in list(remaining):
+                if await consumer.position(tp) >= ends[tp]:
                     remaining.discard(tp)
-            if not batch:
-                for tp in list(remaining):
-                    if await consumer.position(tp) >= ends[tp]:
-                        remaining.discard(tp)
-        return records
+        return values
     finally:
         await consumer.stop()
+
+
+async def read_log(settings: Settings) -> list[LogRecord]:
+    """Every record on the log topic now, in partition order (one tenant's history stays ordered)."""
+    register_codecs()
+    return [LogRecord.loads(value) for value in await read_topic(settings, settings.topic("log"))]
 
 
 async def apply_log(

@@ -23,10 +23,9 @@ from typing import Any, Literal
 
 import httpx
 import orjson
-from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from echolm.bank import read_topic as read_topic_values
 from echolm.client import EchoClient, Reply
-from infra.kafka import kafka_client_kwargs
 from infra.localstack import LocalStack, create_topics, free_port
 from infra.settings import BackendSettings, Settings, load_settings
 from infra.tgi_dev.process import DevServerProcess
@@ -226,30 +225,8 @@ async def collect_replies(
 
 
 async def read_topic(settings: Settings, topic: str) -> list[dict[str, Any]]:
-    """Every value on ``topic`` now (JSON-decoded), partition by partition."""
-    consumer = AIOKafkaConsumer(**kafka_client_kwargs(settings), group_id=None, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        partitions = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-        if not tps:
-            return []
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        ends = await consumer.end_offsets(tps)
-        out: list[dict[str, Any]] = []
-        remaining = {tp for tp in tps if ends[tp] > 0}
-        deadline = time.monotonic() + 60
-        while remaining and time.monotonic() < deadline:
-            batch = await consumer.getmany(*remaining, timeout_ms=500)
-            for messages in batch.values():
-                out.extend(orjson.loads(m.value) for m in messages if m.value)
-            for tp in list(remaining):
-                if await consumer.position(tp) >= ends[tp]:
-                    remaining.discard(tp)
-        return out
-    finally:
-        await consumer.stop()
+    """Every value on ``topic`` now, JSON-decoded, partition by partition."""
+    return [orjson.loads(value) for value in await read_topic_values(settings, topic)]
 
 
 def per_id(values: Iterable[dict[str, Any]], key: str = "request_id") -> Counter[str]:
