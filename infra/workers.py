@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from .processes import log_tail, terminate
 from .settings import Settings, child_env
 
 __all__ = ["WorkerProcess", "WorkerStartError"]
@@ -65,10 +65,7 @@ class WorkerProcess:
         )
 
     def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        return log_tail(self.log_path, lines)
 
     async def wait_ready(self, timeout_s: float = 90.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -99,15 +96,7 @@ class WorkerProcess:
         process = self.process
         if process is None:
             return None
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + timeout_s
-            # a child process has no awaitable exit here (Popen, not asyncio.subprocess): poll it
-            while process.poll() is None and time.monotonic() < deadline:  # noqa: ASYNC110
-                await asyncio.sleep(0.1)
-            if process.poll() is None:
-                process.kill()
-                process.wait(10)
+        await asyncio.to_thread(terminate, process, timeout_s)
         self._close_log()
         return process.returncode
 
