@@ -23,7 +23,7 @@ import numpy as np
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from mode import Service
 
-from infra.kafka import kafka_client_kwargs
+from infra.kafka import kafka_consumer_kwargs
 from infra.resources import Resources
 from streams.records import ModelUpdateRecord
 from streams.topology import Topics
@@ -63,7 +63,7 @@ class ModelSync(Service):
 
     async def _run(self) -> None:
         consumer = AIOKafkaConsumer(
-            **kafka_client_kwargs(self.res.settings), group_id=None, enable_auto_commit=False
+            **kafka_consumer_kwargs(self.res.settings), group_id=None, enable_auto_commit=False
         )
         await consumer.start()
         try:

@@ -7,8 +7,11 @@ Error policy:
     * a retriable ``BackendError`` (429, 5xx, refused, timeout) -> the backend's circuit is told,
       the backend is excluded and the request re-routed, up to ``tgi.retries`` more times and
       never past the request's deadline;
+    * every backend tried once and time left -> a short backoff, then they are tried again (a
+      keep-alive connection closed under us or a 429 burst must not cost the request);
     * a non-retriable ``BackendError`` or nothing left to try -> an error reply (never silence),
       sent before the deadline: backends get the deadline minus a margin for the reply itself;
+      ``deadline_exceeded`` when the deadline ran out during a generation, else ``no_backend_available``;
     * a router failure -> bypass: the least-loaded healthy backend (counted);
     * anything else raises (the supervisor restarts the actor; the offset was not committed).
 
@@ -46,6 +49,8 @@ __all__ = ["register_serve"]
 log = logging.getLogger(__name__)
 
 _REPLY_MARGIN_S = 1.0  # at most this much of a request's deadline is kept for sending its reply
+_RETRY_BACKOFF_S = 0.1  # pause before trying already-failed backends again (doubles per round)
+_MIN_ATTEMPT_S = 0.2  # an attempt with less time than this left is not started
 
 
 def _selected(refs: list[ExampleRef], dim: int) -> list[Selected]:
@@ -105,6 +110,12 @@ class Server:
                 open_circuits=frozenset(open_circuits),
             )
 
+    def _time_left(self, deadline_at: float, reply_margin: float, needed_s: float) -> bool:
+        """Whether more than ``needed_s`` (plus a minimal attempt) remains before the reply margin."""
+        if not deadline_at:
+            return True
+        return deadline_at - reply_margin - time.time() > needed_s + _MIN_ATTEMPT_S
+
     async def handle(self, prepared: PreparedRecord) -> None:
         s, metrics = self.res.settings, self.res.metrics
         request = prepared.request
@@ -152,8 +163,20 @@ class Server:
             try:
                 decision = self.route(context, exclude, time.monotonic())
             except NoBackendAvailable as exc:
-                last_error = exc
-                break
+                # Every usable backend has failed this request once. With time left, wait a little and
+                # try them again (a keep-alive connection closed under us, a 429 burst, a restart)
+                # rather than answer an error the deadline did not force.
+                pause = _RETRY_BACKOFF_S * 2 ** max(0, attempt - 1)
+                if not exclude or not self._time_left(request.deadline_at, reply_margin, pause):
+                    last_error = exc
+                    break
+                await asyncio.sleep(pause)
+                exclude.clear()
+                try:
+                    decision = self.route(context, exclude, time.monotonic())
+                except NoBackendAvailable as again:
+                    last_error = again
+                    break
             route_s += time.perf_counter() - (t_route if attempt == 0 else t_r)
             # a half-open circuit admits one probe: claim it, so concurrent requests route elsewhere
             self.state.breaker.record_attempt(decision.backend, time.monotonic())
@@ -207,14 +230,27 @@ class Server:
         metrics.observe_stage("route", route_s)
 
         if generation is None or decision is None:
-            metrics.requests.labels("no_backend").inc()
             reason = f"{type(last_error).__name__}: {last_error}" if last_error else "no backend configured"
+            out_of_time = request.deadline_at > 0 and not self._time_left(
+                request.deadline_at, reply_margin, _RETRY_BACKOFF_S
+            )
+            if out_of_time and isinstance(last_error, BackendTimeout):
+                metrics.requests.labels("deadline_exceeded").inc()
+                code = "deadline_exceeded"
+                error = (
+                    f"the request's deadline passed while a backend was generating ({reason}); it was "
+                    f"tried on {attempts} backend(s). Retry with a longer deadline_s or add capacity"
+                )
+            else:
+                metrics.requests.labels("no_backend").inc()
+                code = NoBackendAvailable.code
+                error = f"no backend could answer ({reason}); the request was tried on {attempts} backend(s)"
             await self.rejecter.error_reply(
                 request_id=request.request_id,
                 tenant=request.tenant,
                 reply_topic=request.reply_topic,
-                error=f"no backend could answer ({reason}); the request was tried on {attempts} backend(s)",
-                code=NoBackendAvailable.code,
+                error=error,
+                code=code,
                 timings_ms=timings,
             )
             return

@@ -411,11 +411,11 @@ class LogWatcher:
     async def __aenter__(self) -> LogWatcher:
         from aiokafka import AIOKafkaConsumer, TopicPartition
 
-        from infra.kafka import kafka_client_kwargs
+        from infra.kafka import kafka_consumer_kwargs
 
         topic = self.settings.topic("log")
         self._consumer = AIOKafkaConsumer(
-            **kafka_client_kwargs(self.settings),
+            **kafka_consumer_kwargs(self.settings),
             group_id=None,
             enable_auto_commit=False,
             auto_offset_reset="earliest",

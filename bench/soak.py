@@ -150,7 +150,7 @@ async def run_soak(config: SoakConfig, *, data_dir: Path, command: str) -> dict[
     from aiokafka.admin import AIOKafkaAdminClient
 
     from echolm.client import EchoClient
-    from infra.kafka import kafka_client_kwargs
+    from infra.kafka import kafka_client_kwargs, kafka_consumer_kwargs
     from infra.localstack import LocalStack
     from infra.settings import load_settings
     from infra.workers import WorkerProcess
@@ -195,7 +195,7 @@ async def run_soak(config: SoakConfig, *, data_dir: Path, command: str) -> dict[
         _say(f"{config.workers} worker(s) ready after {time.monotonic() - began:.0f} s")
         admin = AIOKafkaAdminClient(**kafka_client_kwargs(settings))
         await admin.start()
-        lag_consumer = AIOKafkaConsumer(**kafka_client_kwargs(settings), group_id=None)
+        lag_consumer = AIOKafkaConsumer(**kafka_consumer_kwargs(settings), group_id=None)
         await lag_consumer.start()
         async with EchoClient(settings) as client:
             t0 = time.monotonic()

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from agents.admit import apply_log_records
 from infra.embedding import SentenceTransformerEmbedder
-from infra.kafka import kafka_client_kwargs
+from infra.kafka import kafka_client_kwargs, kafka_consumer_kwargs
 from infra.milvus import MilvusExampleStore
 from infra.protocols import VectorStore
 from infra.settings import Settings
@@ -158,7 +158,7 @@ async def export_bank(settings: Settings, out: str, *, tenant: str, quiet: bool 
 
 async def read_topic(settings: Settings, topic: str, *, timeout_s: float = 60.0) -> list[bytes]:
     """Every value on ``topic`` now, partition by partition (each partition's order kept)."""
-    consumer = AIOKafkaConsumer(**kafka_client_kwargs(settings), group_id=None, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(**kafka_consumer_kwargs(settings), group_id=None, enable_auto_commit=False)
     await consumer.start()
     try:
         tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or set())]

@@ -29,7 +29,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from infra.errors import ClientTimeout
-from infra.kafka import kafka_client_kwargs
+from infra.kafka import kafka_client_kwargs, kafka_consumer_kwargs
 from infra.settings import Settings
 
 __all__ = ["EchoClient", "Reply"]
@@ -97,7 +97,10 @@ class EchoClient:
         self._producer = AIOKafkaProducer(**kw, acks="all", linger_ms=0)
         await self._producer.start()
         self._consumer = AIOKafkaConsumer(
-            **kw, group_id=None, enable_auto_commit=False, auto_offset_reset="latest"
+            **kafka_consumer_kwargs(self.settings),
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="latest",
         )
         await self._consumer.start()
         partitions = None

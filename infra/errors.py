@@ -14,9 +14,9 @@
     │   ├── BackendOverloaded         HTTP 429 (retriable)
     │   ├── BackendUnavailable        connection refused, 5xx, open circuit (retriable)
     │   ├── BackendTimeout            no answer before the deadline (retriable)
-    │   └── BackendRejected           4xx other than 429: the request is wrong for this backend (not retriable)
+    │   └── BackendRejected           4xx but 429: the request is wrong for this backend (not retriable)
     ├── NoBackendAvailable            nothing can serve before the deadline: the client gets an error reply
-    ├── DependencyUnavailable         Milvus or the embedder is down: selection is bypassed, the request served
+    ├── DependencyUnavailable         Milvus or the embedder is down: selection bypassed, request served
     └── ClientTimeout                 the EchoClient waited past its timeout for a reply
 
 Every error has a stable ``code`` (used in error replies and dead letters) and a message that says

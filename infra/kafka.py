@@ -9,7 +9,7 @@ import faust
 
 from .settings import KafkaSettings, Settings
 
-__all__ = ["kafka_client_kwargs", "kafka_credentials"]
+__all__ = ["kafka_client_kwargs", "kafka_consumer_kwargs", "kafka_credentials"]
 
 
 def kafka_credentials(kafka: KafkaSettings) -> Any:
@@ -56,3 +56,8 @@ def kafka_client_kwargs(settings: Settings) -> dict[str, Any]:
             ssl_context=creds.ssl_context,
         )
     return kw
+
+
+def kafka_consumer_kwargs(settings: Settings) -> dict[str, Any]:
+    """``kafka_client_kwargs`` plus the consumer's fetch wait (``kafka.fetch_max_wait_ms``)."""
+    return {**kafka_client_kwargs(settings), "fetch_max_wait_ms": settings.kafka.fetch_max_wait_ms}

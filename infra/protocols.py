@@ -169,4 +169,3 @@ class QueueDepthProbe(Protocol):
     def snapshot(self) -> Mapping[str, QueueDepth]:
         """The latest sample per backend name; a backend never scraped is absent."""
         ...
-

@@ -76,6 +76,14 @@ class KafkaSettings(_Section):
         2.0, gt=0, description="Consumer group session timeout (short for Tansu)."
     )
     heartbeat_interval_s: float = Field(0.3, gt=0, description="Consumer heartbeat interval.")
+    # Tansu answers a fetch only when this wait expires, so locally it is the latency of every hop;
+    # Kafka answers as soon as a record arrives, so there it only bounds idle polling.
+    fetch_max_wait_ms: int = Field(
+        25,
+        ge=1,
+        le=5000,
+        description="Longest a consumer fetch waits for records: every hop's latency on Tansu (faust: 1500).",
+    )
     commit_interval_s: float = Field(0.2, gt=0, description="How often acked offsets are committed.")
     # Tansu reports wrong end offsets after multi-record batches; 1 keeps lag checks honest locally.
     producer_max_batch_size: int = Field(

@@ -160,6 +160,11 @@ class _SharedSessionInferenceClient(AsyncInferenceClient):
         return self._shared_http
 
 
+# Below the idle timeout of common servers (uvicorn 5 s, as httpx's own default): reusing a connection
+# the server is closing at that instant fails the request with "Server disconnected".
+_KEEPALIVE_EXPIRY_S = 3.0
+
+
 class TGIGenerator:
     """``Generator`` for one TGI-protocol backend. An async context manager; ``aclose`` is idempotent."""
 
@@ -181,7 +186,9 @@ class TGIGenerator:
             base_url=self.url,
             timeout=timeout,
             limits=httpx.Limits(
-                max_connections=backend.max_concurrency, max_keepalive_connections=backend.max_concurrency
+                max_connections=backend.max_concurrency,
+                max_keepalive_connections=backend.max_concurrency,
+                keepalive_expiry=_KEEPALIVE_EXPIRY_S,
             ),
             transport=transport,
         )

@@ -20,6 +20,7 @@ from infra.settings import Settings
 
 from .codecs import ORJSON_CODEC, register_codecs
 from .topology import Topics, declare_topics
+from .transport import install_fetch_wait
 
 __all__ = ["build_app"]
 
@@ -54,6 +55,7 @@ def build_app(
         consumer_auto_offset_reset="earliest",
         loghandlers=[],
     )
+    install_fetch_wait(app, k.fetch_max_wait_ms)
     topics = declare_topics(app, settings)
     resources = Resources(settings, factories=factories, metrics=metrics, loop=None)
     # faust annotates ``service`` for a class, but also starts an instance (App._prepare_subservice)

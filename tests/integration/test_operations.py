@@ -97,7 +97,8 @@ async def test_cli_ask_prints_a_reply(pipeline_factory: PipelineFactory) -> None
 async def test_cli_help_on_every_command() -> None:
     commands = ["up", "worker", "ask", "send", "feedback", "topics", "bank", "rebuild-cache", "config"]
     for command in commands:
-        out = subprocess.run(
+        out = await asyncio.to_thread(
+            subprocess.run,
             [sys.executable, "-m", "echolm.cli", command, "--help"],
             capture_output=True,
             text=True,

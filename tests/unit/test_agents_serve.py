@@ -286,17 +286,42 @@ async def test_a_non_retriable_error_is_answered_without_retrying(fleet: Fleet) 
 
 
 async def test_every_backend_failing_sends_a_no_backend_available_error_reply(fleet: Fleet) -> None:
-    fleet.large.fail_next(BackendUnavailable("503", backend=LARGE, status=503))
-    fleet.small.fail_next(BackendOverloaded("429", backend=SMALL, status=429))
+    fleet.large.fail_next(*[BackendUnavailable("503", backend=LARGE, status=503)] * 3)
+    fleet.small.fail_next(*[BackendOverloaded("429", backend=SMALL, status=429)] * 3)
     record = await prepared()
     await fleet.server.handle(record)
 
     reply = fleet.reply()
     assert (reply.ok, reply.request_id, reply.tenant) == (False, record.request.request_id, "acme")
     assert reply.error is not None and reply.error.code == "no_backend_available"
-    assert "tried on 2 backend(s)" in reply.error.message
+    attempts = fleet.h.settings.tgi.retries + 1
+    assert f"tried on {attempts} backend(s)" in reply.error.message
+    assert len(fleet.large.calls) + len(fleet.small.calls) == attempts
     assert not fleet.log.sent  # nothing to log or admit
     assert fleet.metric("echolm_requests_total", outcome="no_backend") == 1
+
+
+async def test_after_every_backend_failed_once_they_are_tried_again_after_a_backoff(fleet: Fleet) -> None:
+    """A transient failure on each (a keep-alive connection closed under us, a 429 burst) must not
+    cost the request while its deadline leaves time for another round."""
+    fleet.large.fail_next(BackendUnavailable("Server disconnected", backend=LARGE))
+    fleet.small.fail_next(BackendOverloaded("429", backend=SMALL, status=429))
+    await fleet.server.handle(await prepared())
+
+    reply = fleet.reply()
+    assert reply.ok, reply.error
+    assert len(fleet.large.calls) + len(fleet.small.calls) == 3
+
+
+async def test_no_second_round_when_the_deadline_leaves_no_time_for_it() -> None:
+    async with make_fleet(retries=5) as fleet:
+        fleet.large.fail_next(*[BackendUnavailable("503", backend=LARGE, status=503)] * 5)
+        fleet.small.fail_next(*[BackendOverloaded("429", backend=SMALL, status=429)] * 5)
+        # 0.35 s of deadline: 10 % is the reply margin, and a round needs backoff + a minimal attempt
+        await fleet.server.handle(await prepared(deadline_in_s=0.35))
+        reply = fleet.reply()
+        assert not reply.ok and reply.error is not None and reply.error.code == "no_backend_available"
+        assert len(fleet.large.calls) + len(fleet.small.calls) == 2
 
 
 async def test_a_reply_that_cannot_be_delivered_raises_and_nothing_is_logged(fleet: Fleet) -> None:
@@ -323,8 +348,9 @@ async def test_generation_never_outlives_the_request_deadline(fleet: Fleet) -> N
     assert time.perf_counter() - started < 1.0
     reply = fleet.reply()
     assert not reply.ok and reply.error is not None
-    assert reply.error.code == NoBackendAvailable.code and "BackendTimeout" in reply.error.message
+    assert reply.error.code == "deadline_exceeded" and "BackendTimeout" in reply.error.message
     assert fleet.large.in_flight == 0 and fleet.small.in_flight == 0
+    assert fleet.metric("echolm_requests_total", outcome="deadline_exceeded") == 1
 
 
 # ------------------------------------------------------------------------------------- router bypass
