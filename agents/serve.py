@@ -25,8 +25,10 @@ request id as the client sees it: docs/reliability.md).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
+from collections.abc import Mapping
 
 import faust
 import numpy as np
@@ -35,7 +37,7 @@ from agents.policy.prompt import build_messages
 from agents.policy.retrieval import Selected
 from agents.policy.routing import RouteDecision, choose_backend, context_features, fallback_decision
 from infra.errors import BackendError, BackendTimeout, NoBackendAvailable
-from infra.protocols import Example, Generation, GenerationParams
+from infra.protocols import Example, Generation, GenerationParams, QueueDepth
 from infra.resources import Resources
 from streams.codecs import decode_vector
 from streams.records import ExampleRef, LogRecord, PreparedRecord, ReplyRecord, RouteInfo
@@ -78,6 +80,20 @@ class Server:
         self.app, self.topics, self.res, self.state = app, topics, res, state
         self.rejecter = Rejecter(app, topics, res)
         self.large_tier = res.settings.tgi.large_tier
+        # backend -> {attempt token: monotonic dispatch time} for generations in flight
+        self._inflight: dict[str, dict[int, float]] = {}
+        self._tokens = itertools.count()
+
+    def pending(self, depths: Mapping[str, QueueDepth]) -> dict[str, float]:
+        """Per backend: this worker's requests in flight there that its latest sample cannot count."""
+        out: dict[str, float] = {}
+        for backend, started in self._inflight.items():
+            sample = depths.get(backend)
+            taken = sample.at if sample is not None else float("-inf")
+            n = sum(1 for t in started.values() if t > taken)
+            if n:
+                out[backend] = float(n)
+        return out
 
     def route(self, context: np.ndarray, exclude: set[str], now_mono: float) -> RouteDecision:
         s = self.res.settings
@@ -86,6 +102,7 @@ class Server:
         open_circuits = self.state.breaker.open_backends(now_mono)
         try:
             return choose_backend(
+                pending=self.pending(depths),
                 estimates=self.state.bandit.expected(context),
                 backends=self.state.backends,
                 depths=depths,
@@ -198,6 +215,8 @@ class Server:
                 break
             gen_t0 = time.perf_counter()
             metrics.inflight.inc()
+            token = next(self._tokens)
+            self._inflight.setdefault(decision.backend, {})[token] = time.monotonic()
             try:
                 generation = await asyncio.wait_for(
                     generator.generate(messages, GenerationParams(max_new_tokens=request.max_new_tokens)),
@@ -222,6 +241,7 @@ class Server:
                 continue
             finally:
                 metrics.inflight.dec()
+                self._inflight[decision.backend].pop(token, None)
             self.state.breaker.record_success(decision.backend, time.monotonic())
             break
         generate_s = time.perf_counter() - gen_t0

@@ -10,9 +10,11 @@
 
 The client reads its reply topic (``echolm.replies`` or a private ``echolm.replies.<suffix>``)
 without a consumer group, from the end at the time it starts, so it only sees replies to requests
-sent after it connected. It keeps a set of request ids already answered: a worker that re-processes
-a request after a crash or rebalance sends a second, identical reply, which the client drops
-(``duplicates`` counts them). That makes "exactly one reply per request id" hold as the client sees it.
+sent after it connected. It delivers a reply only for a request id it is still waiting on, so a
+worker that re-processes a request after a crash or rebalance and sends a second, identical reply
+is dropped: "exactly one reply per request id" as the client sees it. Memory stays bounded: an id
+leaves the outstanding map when answered, and only the last ``remember_answered`` answered ids are
+kept, to count late duplicates (``duplicates``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import asyncio
 import contextlib
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,7 +73,9 @@ class Reply:
 
 
 class EchoClient:
-    def __init__(self, settings: Settings, *, reply_topic: str | None = None) -> None:
+    def __init__(
+        self, settings: Settings, *, reply_topic: str | None = None, remember_answered: int = 100_000
+    ) -> None:
         self.settings = settings
         self.request_topic = settings.topic("requests")
         self.reply_topic = reply_topic or settings.topic("replies")
@@ -80,7 +85,8 @@ class EchoClient:
         self._reader: asyncio.Task[None] | None = None
         self._pending: dict[str, asyncio.Future[Reply]] = {}
         self._sent_at: dict[str, float] = {}
-        self._answered: set[str] = set()
+        self._answered: OrderedDict[str, None] = OrderedDict()
+        self._remember_answered = max(0, remember_answered)
         self._stream: asyncio.Queue[Reply] = asyncio.Queue()
         self.duplicates = 0
         self._closed = False
@@ -131,13 +137,18 @@ class EchoClient:
             except orjson.JSONDecodeError:
                 continue
             request_id = data.get("request_id")
-            if not isinstance(request_id, str) or request_id not in self._sent_at:
+            if not isinstance(request_id, str):
                 continue
             if request_id in self._answered:
                 self.duplicates += 1
                 continue
-            self._answered.add(request_id)
-            reply = Reply.from_wire(data, time.monotonic() - self._sent_at[request_id])
+            sent_at = self._sent_at.pop(request_id, None)
+            if sent_at is None:  # not ours, or answered so long ago that it is forgotten
+                continue
+            self._answered[request_id] = None
+            while len(self._answered) > self._remember_answered:
+                self._answered.popitem(last=False)
+            reply = Reply.from_wire(data, time.monotonic() - sent_at)
             future = self._pending.pop(request_id, None)
             if future is not None and not future.done():
                 future.set_result(reply)
@@ -212,7 +223,7 @@ class EchoClient:
 
     @property
     def outstanding(self) -> int:
-        return len(self._sent_at) - len(self._answered)
+        return len(self._sent_at)
 
     async def aclose(self) -> None:
         if self._closed:

@@ -199,6 +199,10 @@ class RoutingSettings(_Section):
     load_lambda: float = Field(0.5, ge=0, description="Weight of the load penalty (lambda).")
     load_gamma: float = Field(0.5, ge=0, description="Steepness of tanh in the load penalty (gamma).")
     load_q0: float = Field(2.0, ge=0, description="Queue depth tolerated before any penalty (q0).")
+    load_signal: Literal["waiting", "total"] = Field(
+        "waiting",
+        description="Depth the load penalty reads: waiting (not yet batched) or total (+ running).",
+    )
     exploration: float = Field(0.1, ge=0, description="LinUCB exploration bonus (alpha).")
     cost_weight: float = Field(
         0.05, ge=0, description="Quality a tier may trail a costlier one by and still win (cost tie-break)."

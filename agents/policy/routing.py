@@ -40,6 +40,7 @@ __all__ = [
     "CircuitState",
     "DepthState",
     "LinUCBBandit",
+    "LoadSignal",
     "RouteDecision",
     "choose_backend",
     "context_features",
@@ -58,8 +59,8 @@ def load_penalty(
 
     The paper (EchoLM / IC-Cache, our reading) scores model ``i`` as
     ``S_i = mu_i - lambda * tanh(gamma * max(0, L - L0)) * C_i`` with ``L`` an EMA of QPS. Ours is the
-    same shape with ``L`` = this backend's live queue depth (waiting + running): no penalty up to
-    ``q0`` queued requests, then a penalty growing roughly linearly (slope ``lam * gamma``) and
+    same shape with ``L`` = this backend's live queue depth (``RoutingSettings.load_signal``): no
+    penalty up to ``q0`` queued requests, then a penalty growing roughly linearly (slope ``lam * gamma``) and
     saturating at ``lam``, so an overloaded backend is never scored below any bound. ``C_i`` is the
     cost normalised by the most expensive backend, so cheap backends barely feel their own queue
     (routing away from them buys little) while the large tier is pushed away hardest.
@@ -70,6 +71,7 @@ def load_penalty(
 
 
 DepthState = Literal["fresh", "stale", "missing", "unhealthy"]
+LoadSignal = Literal["waiting", "total"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,8 +135,9 @@ class RouteDecision:
 @dataclass(frozen=True, slots=True)
 class _Candidate:
     view: BackendView
-    depth: float
+    depth: float  # waiting + running (+ pending): balances replicas of one tier
     state: DepthState
+    queued: float  # what the load penalty sees (``RoutingSettings.load_signal``, + pending)
 
     @property
     def load(self) -> float:
@@ -152,8 +155,11 @@ def _candidates(
     open_circuits: Set[str],
     tiers: Set[str] | None,
     notes: list[str],
+    pending: Mapping[str, float] | None = None,
+    load_signal: LoadSignal = "total",
 ) -> list[_Candidate]:
     out: list[_Candidate] = []
+    pending = pending or {}
     by_kind: dict[str, list[str]] = {}
     for b in backends:
         if b.name in exclude:
@@ -163,8 +169,11 @@ def _candidates(
         elif tiers is not None and b.tier not in tiers:
             by_kind.setdefault("no estimate for tier", []).append(b.name)
         else:
-            depth, state = effective_depth(b, depths.get(b.name), now=now, stale_after_s=stale_after_s, q0=q0)
-            out.append(_Candidate(b, depth, state))
+            sample = depths.get(b.name)
+            depth, state = effective_depth(b, sample, now=now, stale_after_s=stale_after_s, q0=q0)
+            queued = sample.waiting if (state == "fresh" and sample and load_signal == "waiting") else depth
+            extra = max(0.0, pending.get(b.name, 0.0))
+            out.append(_Candidate(b, depth + extra, state, queued + extra))
             if state != "fresh":
                 by_kind.setdefault(state, []).append(b.name)
     notes.extend(f"{why}: {', '.join(names)}" for why, names in by_kind.items())
@@ -181,11 +190,16 @@ def choose_backend(
     settings: RoutingSettings,
     exclude: Set[str] = frozenset(),
     open_circuits: Set[str] = frozenset(),
+    pending: Mapping[str, float] | None = None,
 ) -> RouteDecision:
     """Pick the backend for one request. Raises ``NoBackendAvailable`` when every backend is excluded.
 
     1. Candidates: backends not in ``exclude``, not in ``open_circuits``, whose tier has an estimate;
        their depth from ``effective_depth``. Unhealthy ones are dropped unless only they are left.
+       The load penalty sees ``settings.load_signal`` of a fresh sample (``waiting``: requests not yet
+       in a batch, TGI's ``tgi_queue_size``; ``total``: waiting + running). ``pending`` (per backend:
+       this worker's requests dispatched after its sample was taken and still in flight) is added to
+       both, so a burst routed between two scrapes does not see the same short queue every time.
     2. Replicas: within each tier the candidate with the lowest normalised depth
        (depth / max_concurrency; then cost, then name) represents the tier.
     3. Tiers: ``score = mean + exploration * width - load_penalty(depth, cost)``; the highest wins
@@ -207,6 +221,8 @@ def choose_backend(
         open_circuits=open_circuits,
         tiers=set(estimates),
         notes=notes,
+        pending=pending,
+        load_signal=settings.load_signal,
     )
     healthy = [c for c in found if c.state != "unhealthy"]
     pool = healthy or found
@@ -220,7 +236,7 @@ def choose_backend(
 
     def penalty(c: _Candidate) -> float:
         return load_penalty(
-            c.depth,
+            c.queued,
             q0=settings.load_q0,
             lam=settings.load_lambda,
             gamma=settings.load_gamma,
@@ -260,7 +276,7 @@ def choose_backend(
         scores=scores,
         expected_quality={t: estimates[t].mean for t in representative},
         load_penalty=penalties,
-        queue_depths={c.view.name: c.depth for c in pool},
+        queue_depths={c.view.name: c.queued for c in pool},
         reason="; ".join([reason, *notes]),
         ask_feedback=ask_feedback,
         bias=bias,

@@ -422,8 +422,8 @@ async def test_nothing_can_serve_error_reply_before_deadline(fleet: LlamaFleet) 
         hung = await _ask_many(client, 3, "Hung", deadline_s=deadline_s)
     for reply in refused.values():
         assert not reply.ok and reply.error_code == "no_backend_available", reply
-    for reply in hung.values():  # the deadline ran out while a backend held the request
-        assert not reply.ok and reply.error_code == "deadline_exceeded", reply
+    for reply in hung.values():  # the deadline ran out on a frozen backend, or every circuit was open
+        assert not reply.ok and reply.error_code in ("deadline_exceeded", "no_backend_available"), reply
     for reply in [*refused.values(), *hung.values()]:
         assert reply.latency_s < deadline_s, f"error reply after the deadline: {reply.latency_s:.2f}s"
     print(

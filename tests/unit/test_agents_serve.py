@@ -324,6 +324,18 @@ async def test_no_second_round_when_the_deadline_leaves_no_time_for_it() -> None
         assert len(fleet.large.calls) + len(fleet.small.calls) == 2
 
 
+async def test_requests_dispatched_after_the_last_sample_count_as_pending(fleet: Fleet) -> None:
+    gate = fleet.large.hold()
+    first = asyncio.create_task(fleet.server.handle(await prepared("first")))
+    await asyncio.wait_for(fleet.large.started.wait(), timeout=2.0)
+    assert fleet.server.pending(fleet.probe.snapshot()) == {LARGE: 1.0}
+    fleet.probe.idle(SMALL, LARGE)  # a newer scrape sees it (as running), so it is no longer pending
+    assert fleet.server.pending(fleet.probe.snapshot()) == {}
+    gate.set()
+    await first
+    assert fleet.server.pending({}) == {}
+
+
 async def test_a_reply_that_cannot_be_delivered_raises_and_nothing_is_logged(fleet: Fleet) -> None:
     fleet.replies.fail_next(ConnectionError("broker gone"))
     with pytest.raises(ConnectionError):

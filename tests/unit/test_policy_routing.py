@@ -431,3 +431,42 @@ def test_breakers_are_per_backend() -> None:
     breaker.record_failure("a", 0.0)
     breaker.record_success("b", 0.0)
     assert breaker.open_backends(0.1) == {"a"} and breaker.state("b", 0.1) == "closed"
+
+
+# ------------------------------------------------------------------------- load signal and pending
+def _running(name: str, waiting: float, running: float) -> QueueDepth:
+    return QueueDepth(backend=name, waiting=waiting, running=running, at=NOW)
+
+
+@pytest.mark.parametrize(
+    ("signal", "large_waiting", "large_running", "expected"),
+    [
+        ("waiting", 0.0, 12.0, "large"),  # a full batch with nothing waiting: continuous batching absorbs it
+        ("total", 0.0, 12.0, "small"),  # the same sample read as waiting + running: pushed off
+        ("waiting", 12.0, 4.0, "small"),  # a real queue moves it either way
+        ("total", 12.0, 4.0, "small"),
+    ],
+)
+def test_load_signal_picks_what_the_penalty_reads(
+    signal: str, large_waiting: float, large_running: float, expected: str
+) -> None:
+    settings = ROUTING.model_copy(update={"load_signal": signal})
+    depths = {"small-0": _running("small-0", 0, 0), "large-0": _running("large-0", large_waiting, large_running)}
+    decision = route(estimates(0.6, 0.8), depths, settings=settings)
+    assert decision.tier == expected, decision.reason
+
+
+def test_pending_dispatches_count_until_the_next_sample() -> None:
+    """A burst routed between two scrapes: the sample says idle, but this worker already sent 10 there."""
+    depths = {"small-0": _running("small-0", 0, 0), "large-0": _running("large-0", 0, 0)}
+    assert route(estimates(0.6, 0.8), depths).tier == "large"
+    decision = route(estimates(0.6, 0.8), depths, pending={"large-0": 10.0})
+    assert decision.tier == "small"
+    assert decision.queue_depths["large-0"] == 10.0
+
+
+def test_pending_balances_replicas_of_one_tier() -> None:
+    large_b = BackendView("large-1", "large", cost=10.0, max_concurrency=16)
+    depths = {n: _running(n, 0, 0) for n in ("small-0", "large-0", "large-1")}
+    decision = route(estimates(0.6, 0.8), depths, backends=(SMALL, LARGE, large_b), pending={"large-0": 1.0})
+    assert decision.backend == "large-1"
