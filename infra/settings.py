@@ -122,6 +122,14 @@ class EmbeddingSettings(_Section):
     batch_window_s: float = Field(0.005, ge=0, description="How long the embed stage waits to fill a batch.")
     device: str = Field("cpu", description="torch device for the embedder.")
     threads: int = Field(1, ge=1, description="Worker threads that run encode() off the event loop.")
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch intra-op threads; None = max(1, min(8, (cores - 1) // threads)).",
+    )
+    cache_size: int = Field(
+        4096, ge=0, description="Exact-repeat LRU of prompt -> vector (entries); 0 disables it."
+    )
 
 
 class BackendSettings(_Section):
