@@ -44,7 +44,10 @@ def register_gauges(app: faust.App, topics: Topics, res: Resources, state: Decis
     async def gauges() -> None:
         if not res.ready.is_set():
             return
-        publish_gauges(res, state, now_mono=time.monotonic())
+        try:  # a faust timer that raises crashes the worker; a gauge can wait a second
+            publish_gauges(res, state, now_mono=time.monotonic())
+        except Exception:
+            log.exception("gauges not published this tick")
         ticks["n"] += 1
         store = res.store
         if store is not None and ticks["n"] % 30 == 1:

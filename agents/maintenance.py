@@ -68,5 +68,8 @@ def register_maintenance(app: faust.App, topics: Topics, res: Resources, state: 
         except DependencyUnavailable:
             log.warning("maintenance skipped: vector store unavailable", exc_info=True)
             return
+        except Exception:  # a faust timer that raises crashes the worker; eviction can wait a tick
+            log.exception("maintenance tick failed; serving is unaffected, the next tick retries")
+            return
         if evicted:
             log.info("evicted %d examples", evicted)

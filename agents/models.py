@@ -97,7 +97,10 @@ def register_model_sync(app: faust.App, topics: Topics, res: Resources, state: D
     async def checkpoint() -> None:
         if state.updates_since_save == 0:
             return
-        state.tuner.tune()
-        if state.retrain_utility():
-            log.info("utility model retrained on %d rows", len(state.training_y))
-        state.save()
+        try:  # a faust timer that raises crashes the worker; the next tick saves again
+            state.tuner.tune()
+            if state.retrain_utility():
+                log.info("utility model retrained on %d rows", len(state.training_y))
+            state.save()
+        except Exception:
+            log.exception("model checkpoint failed; routing goes on with the models in memory")

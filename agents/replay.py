@@ -9,8 +9,10 @@ record with ``origin="replay"``. ``admit`` applies it (the bank stays a view of 
 replaced only when a candidate beats the incumbent by a margin, and the round counter always moves,
 so the cap holds.
 
-Error policy: a backend failure or a busy period ends this tick (the examples go back in the queue);
-replay never competes with live traffic and never raises into the worker.
+Error policy: a backend failure, an unavailable vector store or a busy period ends this tick (the
+examples go back in the queue); anything else is logged and counted (``tick_failed``) and ends the
+tick. Replay never competes with live traffic and never raises into the worker: a faust timer that
+raises crashes the whole worker.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import faust
 
 from agents.policy.prompt import build_messages
 from agents.policy.replay import is_off_peak, pick_best, plan_replay
-from infra.errors import BackendError
+from infra.errors import BackendError, DependencyUnavailable
 from infra.protocols import Example, GenerationParams
 from infra.resources import Resources
 from streams.codecs import encode_vector
@@ -73,8 +75,15 @@ class Replayer:
             return 0
         picked = self.state.replay_queue.pop(k)
         examples: list[Example] = []
-        for tenant in {t for t, _, _ in picked}:
-            examples += await store.get(tenant, [e for t, e, _ in picked if t == tenant])
+        try:
+            for tenant in {t for t, _, _ in picked}:
+                examples += await store.get(tenant, [e for t, e, _ in picked if t == tenant])
+        except DependencyUnavailable as exc:
+            log.warning("replay paused: the vector store is unavailable (%s)", exc)
+            self.res.metrics.replayed.labels("store_unavailable").inc()
+            for tenant, example_id, gain in picked:
+                self.state.replay_queue.push(tenant, example_id, gain)
+            return 0
         plan = plan_replay(examples, k=k, min_gain=s.replay.min_gain, max_rounds=s.replay.max_rounds)
         done = 0
         for example in plan:
@@ -153,5 +162,12 @@ def register_replay(app: faust.App, topics: Topics, res: Resources, state: Decis
 
     @app.timer(res.settings.replay.interval_s, name="echolm.replay")  # type: ignore[untyped-decorator]
     async def replay_tick() -> None:
-        if res.ready.is_set():
+        # A faust timer that raises crashes the whole worker: replay is an optimisation, so any
+        # failure ends this tick (logged and counted) and serving goes on.
+        if not res.ready.is_set():
+            return
+        try:
             await replayer.tick()
+        except Exception:
+            log.exception("replay tick failed; serving is unaffected, the next tick retries")
+            res.metrics.replayed.labels("tick_failed").inc()

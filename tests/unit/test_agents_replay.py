@@ -122,6 +122,23 @@ async def test_no_replay_while_the_large_tier_is_busy_or_unseen() -> None:
         assert not r.large.calls and not r.logged() and len(r.h.state.replay_queue) == 1
 
 
+async def test_an_unavailable_store_ends_the_tick_and_requeues_the_examples() -> None:
+    """Milvus down mid-run: a replay timer that raised would crash the whole worker (faust timers)."""
+    async with rig() as r:
+        old = await seed(r)
+        r.store.unavailable = True
+        assert await r.replayer({}).tick() == 0
+        assert not r.large.calls and not r.logged()
+        ((tenant, queued_id, gain),) = r.h.state.replay_queue.pop(1)
+        assert (tenant, queued_id) == ("acme", old.example_id) and gain == pytest.approx(old.gain)
+        assert (
+            r.h.resources.metrics.registry.get_sample_value(
+                "echolm_replays_total", {"result": "store_unavailable"}
+            )
+            == 1
+        )
+
+
 async def test_a_backend_error_ends_the_tick_and_requeues_the_example() -> None:
     async with rig() as r:
         old = await seed(r)
