@@ -35,6 +35,9 @@ def publish_gauges(res: Resources, state: DecisionState, *, now_mono: float) -> 
             m.queue_depth.labels(backend.name, "running").set(sample.running)
             m.queue_age.labels(backend.name).set(max(0.0, now_mono - sample.at))
         m.circuit_open.labels(backend.name).set(1.0 if backend.name in open_circuits else 0.0)
+    hits, misses = getattr(res.embedder, "hits", None), getattr(res.embedder, "misses", None)
+    if isinstance(hits, int) and isinstance(misses, int):  # the exact-repeat LRU (infra.embedding)
+        m.sync_embed_cache(hits, misses)
 
 
 def register_gauges(app: faust.App, topics: Topics, res: Resources, state: DecisionState) -> None:

@@ -51,6 +51,13 @@ class Metrics:
         self.cache_lookups = Counter(
             "echolm_cache_lookups_total", "Requests that searched the example bank", registry=r
         )
+        self.embed_cache = Counter(
+            "echolm_embed_cache_total",
+            "Prompt embeddings answered by the exact-repeat LRU (hit) or the model (miss)",
+            ["result"],
+            registry=r,
+        )
+        self._embed_cache_seen = {"hit": 0, "miss": 0}
         self.cache_size = Gauge(
             "echolm_cache_examples", "Examples stored in the bank (last count)", registry=r
         )
@@ -102,6 +109,14 @@ class Metrics:
         if tier != large_tier:
             self._served_small += 1
         self.offload_ratio.set(self._served_small / self._served_all)
+
+    def sync_embed_cache(self, hits: int, misses: int) -> None:
+        """Advance ``echolm_embed_cache_total`` to the embedder's running totals (called by a timer)."""
+        for result, total in (("hit", hits), ("miss", misses)):
+            delta = total - self._embed_cache_seen[result]
+            if delta > 0:
+                self.embed_cache.labels(result).inc(delta)
+                self._embed_cache_seen[result] = total
 
 
 def serve_metrics(metrics: Metrics, port: int, addr: str = "0.0.0.0") -> None:

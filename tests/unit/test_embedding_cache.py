@@ -153,3 +153,19 @@ def test_an_explicit_torch_threads_wins() -> None:
     assert torch_threads(EmbeddingSettings(), cores=2) == 1
     assert torch_threads(EmbeddingSettings(threads=2), cores=16) == 7
     assert EmbeddingSettings().torch_threads is None
+
+
+def test_cache_totals_are_exported_as_a_prometheus_counter() -> None:
+    from infra.metrics import Metrics
+
+    m = Metrics()
+
+    def value(result: str) -> float | None:
+        return m.registry.get_sample_value("echolm_embed_cache_total", {"result": result})
+
+    m.sync_embed_cache(3, 2)
+    assert (value("hit"), value("miss")) == (3.0, 2.0)
+    m.sync_embed_cache(5, 2)
+    assert (value("hit"), value("miss")) == (5.0, 2.0)
+    m.sync_embed_cache(1, 1)  # totals never go back: a counter only moves forward
+    assert (value("hit"), value("miss")) == (5.0, 2.0)
