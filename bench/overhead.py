@@ -47,7 +47,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -648,50 +648,6 @@ async def drain(client: EchoClient, timeout_s: float) -> dict[str, float]:
     return {"backlog": backlog, "left": client.outstanding, "waited_s": time.perf_counter() - began}
 
 
-# ------------------------------------------------------------------------------------- experiment
-_SHIM = """# written by bench/overhead.py --fetch-max-wait-ms: an experiment, not a setting
-import aiokafka
-
-_WAIT_MS = {wait_ms}
-_init = aiokafka.AIOKafkaConsumer.__init__
-
-
-def _patched(self, *topics, **kw):
-    kw["fetch_max_wait_ms"] = min(kw.get("fetch_max_wait_ms", _WAIT_MS), _WAIT_MS)
-    _init(self, *topics, **kw)
-
-
-aiokafka.AIOKafkaConsumer.__init__ = _patched
-"""
-
-
-@contextlib.contextmanager
-def fetch_wait_shim(wait_ms: int | None, folder: Path) -> Iterator[None]:
-    """Cap every aiokafka consumer's ``fetch_max_wait_ms`` (faust hard-codes 1500 ms; EchoClient leaves
-    aiokafka's 500 ms) in this process and in children started inside the block (``sitecustomize``).
-
-    There is no setting for it, so this is how the proposed change is measured. Tansu answers a fetch
-    only when its wait expires, even when records arrive meanwhile (see BENCHMARKS.md).
-    """
-    if wait_ms is None:
-        yield
-        return
-    shim = folder / "fetch-shim"
-    shim.mkdir(parents=True, exist_ok=True)
-    (shim / "sitecustomize.py").write_text(_SHIM.format(wait_ms=int(wait_ms)))
-    exec(_SHIM.format(wait_ms=int(wait_ms)), {})  # our own text: patches this process (the client)
-    environ = os.environ  # noqa: TID251 - the worker inherits the environment through child_env()
-    previous = environ.get("PYTHONPATH")
-    environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(shim), previous) if p)
-    try:
-        yield
-    finally:
-        if previous is None:
-            environ.pop("PYTHONPATH", None)
-        else:
-            environ["PYTHONPATH"] = previous
-
-
 # --------------------------------------------------------------------------------------------- runner
 def _overrides(pairs: Sequence[str]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
@@ -747,6 +703,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     tag = uuid.uuid4().hex[:8]
     data_dir = Path(tempfile.mkdtemp(prefix="echolm-overhead-"))
     overrides = _overrides(args.set)
+    if args.fetch_max_wait_ms is not None:  # alias of --set kafka.fetch_max_wait_ms=MS
+        overrides.setdefault("kafka", {})["fetch_max_wait_ms"] = args.fetch_max_wait_ms
     sections: dict[str, dict[str, Any]] = {
         "kafka": {"topic_prefix": f"ovh{tag}"},
         "milvus": {"collection": f"ovh{tag}"},
@@ -757,7 +715,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         sections[section] = {**sections.get(section, {}), **values}
     report: dict[str, Any] = {
         "preset": args.preset, "seed": args.seed, "config": asdict(preset), "overrides": overrides,
-        "fetch_max_wait_ms": args.fetch_max_wait_ms, "machine": _machine(),
+        "fetch_max_wait_ms": load_settings(**{k: v for k, v in overrides.items() if k == "kafka"})
+        .kafka.fetch_max_wait_ms,
+        "machine": _machine(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }  # fmt: skip
     base = load_settings(**sections)
@@ -809,8 +769,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             )
             tqdm.write(f"[fetch wait] {json.dumps(report['fetch_wait_floor_ms'])}")
         worker = WorkerProcess(settings, log_path=data_dir / "worker.log", name="bench-worker")
-        with fetch_wait_shim(args.fetch_max_wait_ms, data_dir):
-            worker.start()
+        worker.start()
         await worker.wait_ready(timeout_s=120)
         port = settings.worker.metrics_port
         async with EchoClient(settings) as client:
@@ -939,7 +898,7 @@ def compare(paths: Sequence[Path]) -> str:
         cpu = ", ".join(f"{by_role.get(k, 0):.1f}" for k in ("worker", "milvus", "broker", "client"))
         changed = [f"{s}.{k}={v}" for s, kv in r.get("overrides", {}).items() for k, v in kv.items()]
         if r.get("fetch_max_wait_ms") is not None:
-            changed.append(f"fetch_max_wait_ms={r['fetch_max_wait_ms']} (shim)")
+            changed.append(f"fetch_max_wait_ms={r['fetch_max_wait_ms']}")
         others = [r[k]["cpu"]["others_cores"] for k in [*steady, "saturation"] if k in r]
         lines.append(
             f"| {Path(path).stem} | {'<br>'.join(changed) or 'defaults'} | {cell(low, 'overhead_ms')} "
@@ -971,7 +930,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument(
         "--fetch-max-wait-ms", type=int, metavar="MS",
-        help="experiment: cap aiokafka fetch_max_wait_ms in the worker and the client (no setting exists)",
+        help="alias of --set kafka.fetch_max_wait_ms=MS (1500 reproduces faust's own wait)",
     )  # fmt: skip
     p.add_argument(
         "--wait-quiet", type=float, default=0.0, metavar="S",
