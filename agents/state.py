@@ -101,6 +101,7 @@ class DecisionState:
                 failures=settings.tgi.circuit_failures, reset_s=settings.tgi.circuit_reset_s
             ),
             backends=backends,
+            recent_capacity=settings.routing.feedback_window,
         )
         state.load()
         return state

@@ -145,7 +145,29 @@ def _percentile(values: Sequence[float], q: float) -> float | None:
     return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 4)
 
 
-async def run_soak(config: SoakConfig, *, data_dir: Path, command: str) -> dict[str, Any]:
+def _overrides(pairs: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``SECTION.KEY=VALUE`` pairs (VALUE as JSON, else a string) -> settings sections."""
+    out: dict[str, dict[str, Any]] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot:
+            raise SystemExit(f"--set wants SECTION.KEY=VALUE, got {pair!r}")
+        try:
+            value: Any = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+async def run_soak(
+    config: SoakConfig,
+    *,
+    data_dir: Path,
+    command: str,
+    overrides: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     from aiokafka import AIOKafkaConsumer
     from aiokafka.admin import AIOKafkaAdminClient
 
@@ -157,17 +179,20 @@ async def run_soak(config: SoakConfig, *, data_dir: Path, command: str) -> dict[
     from streams.topology import topic_specs
 
     tag = uuid.uuid4().hex[:6]
-    settings = load_settings(
-        stack={"data_dir": str(data_dir)},
-        kafka={"topic_prefix": f"soak{tag}", "producer_max_batch_size": 1},
-        milvus={"collection": f"soak{tag}"},
-        worker={
+    sections: dict[str, dict[str, Any]] = {
+        "stack": {"data_dir": str(data_dir)},
+        "kafka": {"topic_prefix": f"soak{tag}", "producer_max_batch_size": 1},
+        "milvus": {"collection": f"soak{tag}"},
+        "worker": {
             "app_id": f"soak{tag}",
             "metrics_port": 0,
             "web_port": 0,
             "data_dir": str(data_dir / "worker"),
         },
-    )
+    }
+    for section, values in (overrides or {}).items():
+        sections[section] = {**sections.get(section, {}), **values}
+    settings = load_settings(**sections)
     began = time.monotonic()
     stack = LocalStack(
         settings,
@@ -274,7 +299,9 @@ async def run_soak(config: SoakConfig, *, data_dir: Path, command: str) -> dict[
     for w in workers:
         series = [(s["t"], s["rss_mb"].get(w.name)) for s in samples if s["rss_mb"].get(w.name) is not None]
         steady = [mb for t, mb in series if steady_from <= t <= steady_to]
+        late = [mb for t, mb in series if (steady_from + steady_to) / 2 <= t <= steady_to]
         rss_checks[w.name] = {
+            "second_half_growth_mb": round(late[-1] - late[0], 1) if len(late) >= 2 else None,
             "after_warmup_mb": round(steady[0], 1) if steady else None,
             "end_of_steady_mb": round(steady[-1], 1) if steady else None,
             "max_mb": round(max(mb for _, mb in series), 1) if series else None,
@@ -308,6 +335,7 @@ async def run_soak(config: SoakConfig, *, data_dir: Path, command: str) -> dict[
         "command": command,
         "machine": machine(),
         "config": config.__dict__,
+        "overrides": overrides or {},
         "backends": "emulated (infra.tgi_emulator default service-time model, --max-batch-size 16)",
         "phases_s": phases,
         "sent": len(tally.sent),
@@ -339,7 +367,8 @@ def summary(result: dict[str, Any]) -> str:
     for name, rss in result["rss"].items():
         lines.append(
             f"  {name} RSS: {rss['after_warmup_mb']} MB after warm-up -> {rss['end_of_steady_mb']} MB "
-            f"at the end of steady ({rss['steady_growth_mb']:+} MB), max {rss['max_mb']} MB"
+            f"at the end of steady ({rss['steady_growth_mb']:+} MB; second half of steady "
+            f"{rss.get('second_half_growth_mb')} MB), max {rss['max_mb']} MB"
         )
     for phase, lat in result["latency"].items():
         lines.append(f"  {phase}: latency p50 {lat['p50_s']} s, p99 {lat['p99_s']} s ({lat['n']} replies)")
@@ -368,6 +397,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--rss-growth-mb", type=float, default=defaults.rss_growth_mb, help="allowed steady growth"
     )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="settings override for the stack and workers (JSON value), e.g. routing.feedback_window=5000",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "soak.json")
     p.add_argument("--data-dir", type=Path, default=None, help="stack data (default: a temporary folder)")
     args = p.parse_args(argv)
@@ -386,7 +422,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "python -m bench.soak " + shlex.join(list(sys.argv[1:] if argv is None else argv))
     with tempfile.TemporaryDirectory(prefix="echolm-soak-") as tmp:
         data_dir = args.data_dir or Path(tmp)
-        result = asyncio.run(run_soak(config, data_dir=data_dir, command=command))
+        result = asyncio.run(
+            run_soak(config, data_dir=data_dir, command=command, overrides=_overrides(args.set))
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(summary(result))

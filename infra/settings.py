@@ -219,6 +219,11 @@ class RoutingSettings(_Section):
         0.1, ge=0, description="Arm score spread below which feedback is asked."
     )
     state_path: Path | None = Field(None, description="Where the router's bandit is checkpointed (JSON).")
+    feedback_window: int = Field(
+        50_000,
+        ge=1,
+        description="Recent routing decisions kept for feedback joins (about 1.6 KB each): bounds memory.",
+    )
     example_boost: float = Field(
         0.02, ge=0, le=1, description="Prior quality gain per extra example beyond the first (small tiers)."
     )

@@ -13,7 +13,7 @@ from agents.learn import decision_from_log
 from agents.models import apply_update
 from agents.policy.retrieval import FEATURE_NAMES
 from agents.policy.routing import CONTEXT_DIM
-from agents.state import DecisionState
+from agents.state import DecisionState, RecentDecision
 from infra.settings import Settings, load_settings
 from streams.codecs import encode_vector
 from streams.records import ExampleRef, LogRecord, ModelUpdateRecord, ReplyRecord, RequestRecord, RouteInfo
@@ -172,3 +172,15 @@ async def test_decision_from_log_keeps_what_feedback_needs() -> None:
         reply=ReplyRecord(request_id="r1", tenant="acme", ok=False),
     )
     assert decision_from_log(failed, DIM, "large") is None
+
+
+def test_the_feedback_window_bounds_the_remembered_decisions() -> None:
+    state = DecisionState.create(load_settings(routing={"feedback_window": 3}))
+    assert state.recent_capacity == 3
+    for i in range(5):
+        state.remember(f"r{i}", _decision())
+    assert list(state.recent) == ["r2", "r3", "r4"]  # the oldest fall out first
+
+
+def _decision() -> RecentDecision:
+    return RecentDecision(tier="small", context=np.zeros(CONTEXT_DIM), example_ids=(), example_features=())
