@@ -57,7 +57,7 @@ import numpy as np
 from tqdm import tqdm
 
 from agents.policy.prompt import build_messages
-from agents.policy.retrieval import Selected, UtilityModel, select_examples
+from agents.policy.retrieval import Selected, SelectionResult, UtilityModel, select_examples
 from agents.policy.routing import BackendView, LinUCBBandit, choose_backend, context_features
 from echolm.client import EchoClient, Reply
 from infra.embedding import SentenceTransformerEmbedder
@@ -455,7 +455,7 @@ def micro(
         best = np.argsort(-sims)[:top_k]
         hit_sets.append([SearchHit(bank[j], float(sims[j])) for j in best])
     scorer = UtilityModel.default()
-    results = [None] * len(queries)
+    results: list[SelectionResult | None] = [None] * len(queries)
 
     def select(i: int) -> None:
         k = i % len(queries)
@@ -734,7 +734,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         # The bench's own embedder (bank and query vectors) uses one torch thread: fastest on shared cores.
         embedder = SentenceTransformerEmbedder(settings.embedding.model_copy(update={"threads": 2}))
         await embedder.warmup()
-        real, bank, timings = await preload(settings, embedder, preset, rng)
+        real, bank, bank_timings = await preload(settings, embedder, preset, rng)
+        timings: dict[str, Any] = bank_timings  # plus the index and settle reports below
         timings["index"] = await asyncio.to_thread(
             wait_for_index, settings, preset.examples, preset.index_timeout_s
         )

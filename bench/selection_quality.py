@@ -383,14 +383,15 @@ async def evaluate(
         )
 
     # -- training the utility model on sampled outcomes of the training groups ---------------------
+    def answer_with(r: Request, hits: Sequence[SearchHit]) -> Callable[[], Awaitable[Generation]]:
+        """``r`` answered with ``hits`` as its examples, as a job for ``run_all``."""
+        return lambda: bench.answer(r.text, [Selected(h.example, h.similarity, float("nan")) for h in hits])
+
     train_jobs: list[Callable[[], Awaitable[Generation]]] = []
     for r in train_requests:
-        train_jobs.append(lambda r=r: bench.answer(r.text, []))
+        train_jobs.append(answer_with(r, []))
         for j in train_picks[r.request_id]:
-            h = hit(r, j)
-            train_jobs.append(
-                lambda r=r, h=h: bench.answer(r.text, [Selected(h.example, h.similarity, float("nan"))])
-            )
+            train_jobs.append(answer_with(r, [hit(r, j)]))
     train_out = await run_all("train: outcomes", train_jobs)
     train_scores = await bench.scorer.score(
         [g.text for g in train_out],
@@ -400,7 +401,7 @@ async def evaluate(
     per = 1 + p.train_candidates
     for i, r in enumerate(train_requests):
         base = train_scores[i * per].score
-        for c, j in enumerate(train_picks[r.request_id]):
+        for slot, j in enumerate(train_picks[r.request_id]):
             x_rows.append(
                 candidate_features(
                     vector_of[r.request_id].astype(np.float32),
@@ -410,7 +411,7 @@ async def evaluate(
                     now=0.0,
                 )
             )
-            labels.append(1.0 if train_scores[i * per + 1 + c].score > base else 0.0)
+            labels.append(1.0 if train_scores[i * per + 1 + slot].score > base else 0.0)
     x, y = np.vstack(x_rows), np.asarray(labels)
     trained = UtilityModel.default().fit(x, y)
     tuner = ThresholdTuner(threshold=bench.selection.utility_threshold)
@@ -456,11 +457,13 @@ async def evaluate(
         chosen["similarity"].append([Selected(h.example, h.similarity, float("nan")) for h in top])
         chosen["two-stage"].append(bench.two_stage(r, v, hits, untrained, bench.selection.utility_threshold))
         chosen["two-stage-trained"].append(bench.two_stage(r, v, hits, trained, tuner.threshold))
+
+    def condition_job(c: str, i: int) -> Callable[[], Awaitable[Generation]]:
+        """Request ``i`` answered with condition ``c``'s chosen examples, as a job for ``run_all``."""
+        return lambda: bench.answer(eval_requests[i].text, chosen[c][i])
+
     jobs = [(c, i) for c in CONDITIONS for i in range(len(eval_requests))]
-    outs = await run_all(
-        "small: conditions",
-        [lambda c=c, i=i: bench.answer(eval_requests[i].text, chosen[c][i]) for c, i in jobs],
-    )
+    outs = await run_all("small: conditions", [condition_job(c, i) for c, i in jobs])
     gen = {key: out for key, out in zip(jobs, outs, strict=True)}
 
     # -- scoring ----------------------------------------------------------------------------------

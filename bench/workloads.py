@@ -355,7 +355,8 @@ def zipf_weights(n: int, s: float) -> FloatArray:
     if s < 0:
         raise ValueError(f"zipf exponent must be >= 0, got {s}")
     w = np.arange(1, n + 1, dtype=np.float64) ** -s
-    return w / w.sum()
+    total: np.float64 = w.sum()  # numpy's stubs type ndarray.sum() as Any
+    return w / total
 
 
 # ----------------------------------------------------------------------------------------- arrivals
