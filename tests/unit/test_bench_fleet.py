@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -94,3 +95,15 @@ async def test_open_loop_keeps_the_schedule_and_reports_timeouts() -> None:
     assert [r.request_id for r in out] == ["r0", "r1", "r2", "r3"]
     assert all(r.ok for r in out[:3]) and not out[3].ok and out[3].system == "s"
     assert all(r.sent_s >= r.arrival_s - 0.01 for r in out[:3])  # never early
+
+
+def test_primary_quality_takes_small_match_from_the_paper_only(tmp_path: Path) -> None:
+    from bench.fleet import PRIMARY_QUALITY, offline_quality_model
+
+    assert PRIMARY_QUALITY.small_match == 0.56
+    assert PRIMARY_QUALITY.sources["small_match"].startswith("PAPER:")
+    for cell in ("small_alone", "small_related", "cache_match", "cache_other", "large", "failed"):
+        assert PRIMARY_QUALITY.quality(cell) == ASSUMED_QUALITY.quality(cell)
+        assert PRIMARY_QUALITY.sources.get(cell) == ASSUMED_QUALITY.sources.get(cell)
+    assert offline_quality_model(PRIMARY_QUALITY, results_dir=tmp_path) is PRIMARY_QUALITY
+    assert PRESETS["small"].load_q0 is None  # the routing default (2 waiting requests)

@@ -13,9 +13,12 @@ from bench.report import (
     headline,
     interpolate_at,
     markdown_tables,
+    parity_verdict,
     percentile,
+    quality_sensitivity,
     replace_section,
     requality,
+    sensitivity_lines,
     summaries_to_json,
     summarize,
     timeline,
@@ -142,6 +145,7 @@ def test_headline_ratios() -> None:
     assert h["saturation_throughput_gain_vs_large"] == pytest.approx(2.5)  # 10th-90th pct: 2.5 vs 1 req/s
     assert h["saturation_makespan_gain_vs_large"] == pytest.approx(10 / 4.6)  # last done at 3.6 + 1
     assert h["saturation_echolm_quality"] == pytest.approx(0.45)
+    assert h["saturation_meets_parity"] is False and h["saturation_parity"] == "no"
     assert h["burst_vs_load_blind"]["quality_delta"] == pytest.approx(-0.02)
     vc = h["vs_semantic_cache"]
     assert vc["cache_quality_at_equal_hit_rate"] == pytest.approx(0.3)  # echolm offloads everything
@@ -187,6 +191,14 @@ def test_sections_render_and_replace_only_between_markers() -> None:
     body = baselines_section(result)
     assert "| echolm | 2.50 |" in body and "**2.50x**" in body and "fleet-latency-cdf-small" in body
     assert "| system |" in markdown_tables(result)
+    low = [
+        {"threshold": 0.9, "hit_rate": 0.2, "quality": 0.45},
+        {"threshold": 0.7, "hit_rate": 1.0, "quality": 0.3},
+    ]
+    worse_cache = {**result, "headline": headline(summaries, low), "semantic_cache_sweep": low}  # type: ignore[arg-type]
+    assert "at no threshold: its best in the sweep is 0.450 (threshold 0.900" in baselines_section(
+        worse_cache
+    )
     calibration = {
         "tiers": {
             "8B": {
@@ -216,3 +228,50 @@ def test_sustained_rate_ignores_ramp_and_drain() -> None:
     assert sustained_rate(steady) == pytest.approx(1.0)
     assert sustained_rate([*steady, 100.0]) == pytest.approx(1.0)  # one very long straggler
     assert math.isnan(sustained_rate([1.0, 2.0]))
+
+
+def test_parity_verdict_reads_the_lower_bound() -> None:
+    assert parity_verdict((0.5, 0.6)) == "yes"
+    assert parity_verdict((0.45, 0.55)) == "no (CI includes 0.5)"
+    assert parity_verdict((0.40, 0.45)) == "no"
+
+
+def test_quality_sensitivity_rescores_the_cell_exactly() -> None:
+    table = {"large": 0.5, "small_alone": 0.3, "small_match": 0.48, "small_related": 0.27, "failed": 0.0}
+    sat = "saturation"
+    records = [
+        # large-only, saturation: done at 0..4 s; 10th-90th pct completions 1 s and 3 s: 2 / 2 s = 1 req/s
+        *(rec("large-only", i, at=0.0, done=float(i), phase=sat) for i in range(5)),
+        # echolm, saturation: 5 done every 0.5 s (2 / 1 s = 2 req/s) and one failure
+        rec("echolm", 0, at=0.0, done=0.0, tier="small", condition="small_match", phase=sat),
+        rec("echolm", 1, at=0.0, done=0.5, tier="small", condition="small_match", phase=sat),
+        rec("echolm", 2, at=0.0, done=1.0, tier="small", condition="small_alone", phase=sat),
+        rec("echolm", 3, at=0.0, done=1.5, tier="large", condition="large", phase=sat),
+        rec("echolm", 4, at=0.0, done=2.0, tier="small", condition="small_related", phase=sat),
+        rec("echolm", 5, at=0.0, done=None, phase=sat),
+        # a system that serves everything under small_match: its win rate is the cell itself
+        *(
+            rec("echolm-load-blind", i, at=0.0, done=1.0, tier="small", condition="small_match")
+            for i in range(4)
+        ),
+    ]
+    sens = quality_sensitivity(records, table, (0.48, 0.50, 0.56))
+    assert sens["values"] == [0.48, 0.50, 0.56]
+    assert sens["echolm_capacity_gain_vs_large"] == pytest.approx(2.0)
+    by_value = {row["value"]: row["systems"] for row in sens["rows"]}
+    # echolm: (2 x small_match + 0.3 + 0.5 + 0.27 + 0 for the failure) / 6
+    assert by_value[0.48]["echolm"][sat]["quality"] == pytest.approx(2.03 / 6)
+    assert by_value[0.56]["echolm"][sat]["quality"] == pytest.approx(2.19 / 6)
+    assert all(by_value[v]["echolm"][sat]["parity"].startswith("no") for v in by_value)  # 6 rows: wide CI
+    assert all(by_value[v]["large-only"][sat]["quality"] == pytest.approx(0.5) for v in by_value)
+    blind = {v: by_value[v]["echolm-load-blind"]["burst"] for v in by_value}
+    assert blind[0.48]["quality"] == pytest.approx(0.48) and blind[0.48]["parity"] == "no"
+    assert blind[0.50]["parity"] == "yes" and blind[0.56]["parity"] == "yes"  # lower bound = the value
+    assert sens["share"]["echolm"][sat] == pytest.approx(1 / 3)
+    assert sens["break_even"]["echolm"][sat] == pytest.approx((0.5 - 1.07 / 6) * 3)  # 0.965
+    assert sens["break_even"]["echolm-load-blind"]["burst"] == pytest.approx(0.5)
+    assert math.isnan(sens["break_even"]["large-only"][sat])
+    assert [r.quality for r in records][5 + 5] == 0.0  # the input is not modified (failure: 0)
+    body = "\n".join(sensitivity_lines(sens))
+    assert "| 0.56 |" in body and "| 2.00x |" in body and "CI lower bound >= 0.5" in body
+    assert "0.965" in body and sensitivity_lines(None) == []
