@@ -1,0 +1,31 @@
+"""streams/transport.py: faust's worker consumer honours ``kafka.fetch_max_wait_ms`` (faust: 1500 ms)."""
+
+from __future__ import annotations
+
+import pytest
+
+from infra.kafka import kafka_consumer_kwargs
+from infra.settings import load_settings
+from streams.app import build_app
+from tests.fakes.backends import fake_factories
+from tests.fakes.embedder import FakeEmbedder
+from tests.fakes.vector_store import FakeVectorStore
+
+
+@pytest.mark.parametrize("wait_ms", [25, 40, 1500])
+async def test_the_worker_consumer_uses_the_configured_fetch_wait(wait_ms: int) -> None:
+    settings = load_settings(kafka={"fetch_max_wait_ms": wait_ms, "topic_prefix": "unit"})
+    factories = fake_factories(embedder=FakeEmbedder(8), store=FakeVectorStore(8), generators=[], probe=None)
+    app, _, _ = build_app(settings, factories=factories)
+    thread = app.consumer._thread  # type: ignore[attr-defined]  # faust's ThreadDelegateConsumer
+    consumer = thread._create_worker_consumer(app.transport)  # built, not started: no broker needed
+    try:
+        assert consumer._fetch_max_wait_ms == wait_ms
+    finally:
+        await consumer.stop()
+
+
+def test_other_consumers_get_it_from_the_consumer_kwargs() -> None:
+    settings = load_settings(kafka={"fetch_max_wait_ms": 33})
+    assert kafka_consumer_kwargs(settings)["fetch_max_wait_ms"] == 33
+    assert kafka_consumer_kwargs(settings)["bootstrap_servers"] == settings.kafka.bootstrap_servers
