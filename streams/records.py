@@ -300,8 +300,8 @@ def validate_request(
     now = time.time() if now is None else now
     created_at = float(created_at) if created_at is not None else now
     deadline_s = _field(data, "deadline_s", (int, float), required=False)
-    if deadline_s is not None and not 0 < deadline_s <= 3600:
-        raise LimitExceeded(f"deadline_s={deadline_s} outside (0, 3600]")
+    if deadline_s is not None and not 0.001 <= deadline_s <= 3600:  # NaN fails too
+        raise LimitExceeded(f"deadline_s={deadline_s} outside [0.001, 3600]")
     deadline_at = now + float(deadline_s if deadline_s is not None else limits.default_deadline_s)
     metadata = data.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
