@@ -130,6 +130,10 @@ class EmbeddingSettings(_Section):
     cache_size: int = Field(
         4096, ge=0, description="Exact-repeat LRU of prompt -> vector (entries); 0 disables it."
     )
+    quantize: Literal["none", "int8"] = Field(
+        "none",
+        description="int8 = MiniLM with dynamic int8 Linear layers (CPU only; else fp32 and a warning).",
+    )
 
 
 class BackendSettings(_Section):
