@@ -217,7 +217,7 @@ class RoutingSettings(_Section):
     )
     exploration: float = Field(0.1, ge=0, description="LinUCB exploration bonus (alpha).")
     cost_weight: float = Field(
-        0.05, ge=0, description="Quality a tier may trail a costlier one by and still win (cost tie-break)."
+        0.1, ge=0, description="Quality a tier may trail a costlier one by and still win (cost tie-break)."
     )
     feedback_uncertainty: float = Field(
         0.1, ge=0, description="Arm score spread below which feedback is asked."
