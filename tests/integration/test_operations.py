@@ -13,8 +13,9 @@ import pytest
 
 from echolm.bank import export_bank, import_bank
 from echolm.client import EchoClient
+from echolm.up import DEMO_QUESTIONS
 from infra.localstack import free_port
-from infra.settings import child_env
+from infra.settings import child_env, load_settings
 
 from .conftest import PipelineFactory
 
@@ -106,3 +107,38 @@ async def test_cli_help_on_every_command() -> None:
             check=False,
         )
         assert out.returncode == 0 and "usage: echolm" in out.stdout, (command, out.stderr[-500:])
+
+
+async def test_echolm_up_demo_serves_paraphrases_from_the_cache(tmp_path: Path) -> None:
+    """The README's first command, end to end: its own broker, Milvus, two SmolLM2 dev servers and a
+    worker; every demo question answered; a paraphrase served by the small tier with the cached pair
+    as an example; the other tenant's identical question gets no example (never another tenant's)."""
+    # this environment without any ECHOLM_ variable, then the ports of a stack of the test's own
+    env = {k: v for k, v in child_env(load_settings()).items() if not k.startswith("ECHOLM_")}
+    ports = [free_port() for _ in range(4)]
+    env |= {
+        "ECHOLM_STACK__DATA_DIR": str(tmp_path / "stack"),
+        "ECHOLM_STACK__BROKER_PORT": str(ports[0]),
+        "ECHOLM_STACK__MILVUS_PORT": str(ports[1]),
+        "ECHOLM_STACK__BACKEND_PORTS": orjson.dumps(ports[2:]).decode(),
+        "ECHOLM_KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{ports[0]}",
+        "ECHOLM_MILVUS__URI": f"http://127.0.0.1:{ports[1]}",
+        "ECHOLM_WORKER__METRICS_PORT": str(free_port()),
+        "ECHOLM_WORKER__WEB_PORT": "0",
+        "ECHOLM_WORKER__DATA_DIR": str(tmp_path / "worker"),
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "echolm.cli", "up", "--demo", "--exit-after-demo",
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    stdout, stderr = await asyncio.wait_for(proc.communicate(), 480)
+    out = stdout.decode()
+    assert proc.returncode == 0, stderr.decode()[-3000:]
+    questions = [line for line in out.splitlines() if "] Q: " in line]
+    routes = [line for line in out.splitlines() if line.strip().startswith("-> ")]
+    assert len(questions) == len(DEMO_QUESTIONS) == len(routes), out[-3000:]
+    by_question = dict(zip(questions, routes, strict=True))
+    paraphrases = [r for q, r in by_question.items() if "reverse a Python list" in q or "best way" in q]
+    assert any("(small tier)" in r and "0 in-context" not in r for r in paraphrases), out[-3000:]
+    other = next(route for q, route in by_question.items() if q.startswith("[other-"))
+    assert "0 in-context example(s)" in other, other
