@@ -78,8 +78,9 @@ class KafkaSettings(_Section):
     heartbeat_interval_s: float = Field(0.3, gt=0, description="Consumer heartbeat interval.")
     # Tansu answers a fetch only when this wait expires, so locally it is the latency of every hop;
     # Kafka answers as soon as a record arrives, so there it only bounds idle polling.
+    # 100, not 25: same hop latency inside the pipeline, fewer idle polls (BENCHMARKS.md, A/B).
     fetch_max_wait_ms: int = Field(
-        25,
+        100,
         ge=1,
         le=5000,
         description="Longest a consumer fetch waits for records: every hop's latency on Tansu (faust: 1500).",
