@@ -64,7 +64,7 @@ from infra.embedding import SentenceTransformerEmbedder
 from infra.localstack import LocalStack, create_topics, free_port
 from infra.milvus import MilvusExampleStore
 from infra.protocols import Example, GenerationParams, QueueDepth, SearchHit
-from infra.settings import Settings, load_settings
+from infra.settings import Settings, load_settings, parse_overrides
 from infra.tgi import TGIGenerator
 from infra.workers import WorkerProcess
 from streams.topology import topic_specs
@@ -649,19 +649,11 @@ async def drain(client: EchoClient, timeout_s: float) -> dict[str, float]:
 
 
 # --------------------------------------------------------------------------------------------- runner
-def _overrides(pairs: Sequence[str]) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    for pair in pairs:
-        key, _, raw = pair.partition("=")
-        section, _, name = key.partition(".")
-        if not name or not raw:
-            raise SystemExit(f"--set wants section.key=value, got {pair!r}")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        out.setdefault(section, {})[name] = value
-    return out
+def _set_overrides(pairs: Sequence[str]) -> dict[str, dict[str, Any]]:
+    try:
+        return parse_overrides(pairs)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from exc
 
 
 def _machine() -> dict[str, Any]:
@@ -702,7 +694,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     rng = np.random.default_rng(args.seed)
     tag = uuid.uuid4().hex[:8]
     data_dir = Path(tempfile.mkdtemp(prefix="echolm-overhead-"))
-    overrides = _overrides(args.set)
+    overrides = _set_overrides(args.set)
     if args.fetch_max_wait_ms is not None:  # alias of --set kafka.fetch_max_wait_ms=MS
         overrides.setdefault("kafka", {})["fetch_max_wait_ms"] = args.fetch_max_wait_ms
     sections: dict[str, dict[str, Any]] = {

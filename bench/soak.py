@@ -145,22 +145,6 @@ def _percentile(values: Sequence[float], q: float) -> float | None:
     return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 4)
 
 
-def _overrides(pairs: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """``SECTION.KEY=VALUE`` pairs (VALUE as JSON, else a string) -> settings sections."""
-    out: dict[str, dict[str, Any]] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        section, dot, name = key.partition(".")
-        if not sep or not dot:
-            raise SystemExit(f"--set wants SECTION.KEY=VALUE, got {pair!r}")
-        try:
-            value: Any = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        out.setdefault(section, {})[name] = value
-    return out
-
-
 async def run_soak(
     config: SoakConfig,
     *,
@@ -376,6 +360,15 @@ def summary(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _set_overrides(pairs: Sequence[str]) -> dict[str, dict[str, Any]]:
+    from infra.settings import parse_overrides
+
+    try:
+        return parse_overrides(pairs)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from exc
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     defaults = SoakConfig()
     p = argparse.ArgumentParser(
@@ -423,7 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="echolm-soak-") as tmp:
         data_dir = args.data_dir or Path(tmp)
         result = asyncio.run(
-            run_soak(config, data_dir=data_dir, command=command, overrides=_overrides(args.set))
+            run_soak(config, data_dir=data_dir, command=command, overrides=_set_overrides(args.set))
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")

@@ -15,6 +15,7 @@ No other module reads the environment (ruff ``TID251`` enforces it).
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,6 +43,7 @@ __all__ = [
     "child_env",
     "load_settings",
     "masked",
+    "parse_overrides",
 ]
 
 
@@ -380,3 +382,22 @@ def child_env(settings: Settings) -> dict[str, str]:
 def masked(settings: Settings) -> dict[str, Any]:
     """The settings as JSON-able data with secrets masked (for ``echolm config`` and logs)."""
     return settings.model_dump(mode="json")
+
+
+def parse_overrides(pairs: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``SECTION.KEY=VALUE`` pairs (VALUE as JSON, else a string) -> ``load_settings(**sections)``
+    keyword arguments, for the benchmarks' ``--set`` options."""
+    import json
+
+    out: dict[str, dict[str, Any]] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot or not name or not raw:
+            raise ValueError(f"--set wants SECTION.KEY=VALUE, got {pair!r}")
+        try:
+            value: Any = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out.setdefault(section, {})[name] = value
+    return out
