@@ -5,6 +5,7 @@
     echolm bench report --preset small     # plots (docs/plots) + BENCHMARKS.md sections from the result
     echolm bench calibrate                 # dev-server + emulator measurements -> calibration.json
     echolm bench gpu-calibrate --out F     # on a GPU machine: 1B/3B/8B prefill and decode timings
+    echolm bench all [--dry-run]           # every benchmark behind BENCHMARKS.md in turn (about 75 min)
 
 Results land in bench/results/ (JSON) and docs/plots/ (PNG); docs/benchmarks.md explains each one.
 """
@@ -127,6 +128,58 @@ def cmd_gpu_calibrate(args: argparse.Namespace) -> int:
     return gpu_main(args.rest)
 
 
+def all_commands(preset: str) -> list[list[str]]:
+    """Every benchmark behind BENCHMARKS.md's headline numbers, in the order ``echolm bench all`` runs
+    them, with the options BENCHMARKS.md quotes (about 75 min on 2 cores in all, the 25-minute soak
+    included). ``preset`` picks selection-quality's and the fleet's preset."""
+    py = sys.executable
+    return [
+        [py, "-m", "bench.stack_timings"],
+        [py, "-m", "bench.tgi_dev_latency"],
+        [py, "-m", "bench.embed_speed"],
+        [py, "-m", "bench.overhead", "--preset", "full", "--output", "bench/results/overhead-full-v2.json"],
+        [py, "-m", "bench.selection_quality", "--preset", preset],
+        [py, "-m", "bench.cli", "calibrate"],
+        [py, "-m", "bench.cli", "fleet", "--preset", preset],
+        [py, "-m", "bench.cli", "report", "--preset", preset, "--update-benchmarks"],
+        [
+            py,
+            "-m",
+            "bench.soak",
+            "--steady-s",
+            "1500",
+            "--set",
+            "routing.feedback_window=5000",
+            "--out",
+            "bench/results/soak-25min.json",
+        ],
+    ]
+
+
+def cmd_all(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from tqdm import tqdm
+
+    commands = all_commands(args.preset)
+    if args.dry_run:
+        for command in commands:
+            print(shlex.join(["python", *command[1:]]))
+        return 0
+    failed: list[str] = []
+    for command in tqdm(commands, desc="benchmarks", unit="bench"):
+        line = shlex.join(["python", *command[1:]])
+        _say(f"running: {line}")
+        if subprocess.run(command, cwd=ROOT, check=False).returncode != 0:
+            failed.append(line)
+            _say(f"FAILED: {line} (the others still run)")
+    if failed:
+        _say("failed: " + "; ".join(failed))
+        return 1
+    _say("every benchmark ran; results in bench/results/, plots in docs/plots/")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="echolm bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -175,6 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-dev-server", action="store_true", help="GPU tiers and emulator check only")
     p.add_argument("--out", help="default bench/results/calibration.json")
     p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("all", help="every benchmark behind BENCHMARKS.md, one after another (about 75 min)")
+    p.add_argument("--preset", choices=["small", "full"], default="small", help="preset where one exists")
+    p.add_argument("--dry-run", action="store_true", help="print the commands; run nothing")
+    p.set_defaults(func=cmd_all)
 
     p = sub.add_parser(
         "gpu-calibrate",

@@ -107,3 +107,16 @@ def test_primary_quality_takes_small_match_from_the_paper_only(tmp_path: Path) -
         assert PRIMARY_QUALITY.sources.get(cell) == ASSUMED_QUALITY.sources.get(cell)
     assert offline_quality_model(PRIMARY_QUALITY, results_dir=tmp_path) is PRIMARY_QUALITY
     assert PRESETS["small"].load_q0 is None  # the routing default (2 waiting requests)
+
+
+def test_bench_all_runs_only_modules_that_exist() -> None:
+    import importlib.util
+
+    from bench.cli import all_commands, build_parser
+
+    commands = all_commands("small")
+    assert len(commands) >= 8
+    for command in commands:
+        assert command[1] == "-m" and importlib.util.find_spec(command[2]) is not None, command
+        if command[2] == "bench.cli":  # its sub-commands parse
+            build_parser().parse_args(command[3:])
