@@ -636,12 +636,15 @@ async def test_broker_outage_and_restart(local_stack: LocalStack, tmp_path: Path
                     }
                     served = await collect_replies(client, ids, timeout_s=45)
                     restart_s = time.monotonic() - restarted
-                    placed = await _offsets_by_id(settings, "requests")
-                    prepared_at = await _offsets_by_id(settings, "prepared")
                     extra = {
                         await client.send(f"Later {i}", tenant="acme", max_new_tokens=4) for i in range(16)
                     }
-                    later = await collect_replies(client, extra, timeout_s=45)
+                    # replies to the first 16 may still come (a slow rejoin on a busy machine): keep them
+                    late = await collect_replies(client, extra | (ids - set(served)), timeout_s=60)
+                    served |= {rid: r for rid, r in late.items() if rid in ids}
+                    later = {rid: r for rid, r in late.items() if rid in extra}
+                    placed = await _offsets_by_id(settings, "requests")
+                    prepared_at = await _offsets_by_id(settings, "prepared")
                 alive = worker.running
                 rejoined = worker.log_path.read_text(errors="replace").count("Worker ready") >= 2
             finally:
@@ -656,6 +659,8 @@ async def test_broker_outage_and_restart(local_stack: LocalStack, tmp_path: Path
     assert served and later, "nothing was served after the broker restart"
 
     def below_old_position(rid: str) -> bool:
+        if rid not in placed:
+            return False
         p, o = placed[rid]
         if o < old_positions.get((settings.topic("requests"), p), 0):
             return True
@@ -665,7 +670,9 @@ async def test_broker_outage_and_restart(local_stack: LocalStack, tmp_path: Path
         return False
 
     missing = (ids | extra) - set(served) - set(later)
-    assert all(below_old_position(rid) for rid in missing), "a request above the old positions was lost"
+    lost = {rid: (placed.get(rid), prepared_at.get(rid)) for rid in missing if not below_old_position(rid)}
+    # (a request missing from ``placed`` never reached the new broker's log: that is lost too)
+    assert not lost, f"lost above the old positions {old_positions}: {lost} (requests, prepared offsets)"
     print(
         f"\nbroker outage: {len(everything)} answered once across a {outage_s:.1f}s freeze "
         f"({outage_duplicates} duplicates dropped by the client); restart: {len(served)}/{len(ids)} then "

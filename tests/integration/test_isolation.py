@@ -82,7 +82,9 @@ async def test_tenants_never_share_examples_under_load(
                     )
                 )
                 for (tenant, prompt), reply in zip(pair, answers, strict=True):
-                    assert reply.ok and reply.tier == "large", reply
+                    # a stored seed must come from the large tier to be admitted; a no_store seed is a
+                    # near-duplicate of a stored one, so the router may well serve it small
+                    assert reply.ok and (no_store or reply.tier == "large"), reply
                     sent[reply.request_id] = (tenant, prompt)
             async with MilvusExampleStore(settings.milvus) as store:
                 deadline = time.monotonic() + 60
