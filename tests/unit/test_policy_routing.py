@@ -451,7 +451,10 @@ def test_load_signal_picks_what_the_penalty_reads(
     signal: str, large_waiting: float, large_running: float, expected: str
 ) -> None:
     settings = ROUTING.model_copy(update={"load_signal": signal})
-    depths = {"small-0": _running("small-0", 0, 0), "large-0": _running("large-0", large_waiting, large_running)}
+    depths = {
+        "small-0": _running("small-0", 0, 0),
+        "large-0": _running("large-0", large_waiting, large_running),
+    }
     decision = route(estimates(0.6, 0.8), depths, settings=settings)
     assert decision.tier == expected, decision.reason
 
