@@ -101,11 +101,11 @@ async def open_loop(
         if task in done and task.exception() is None:
             out.append(task.result())
         else:
-            out.append(_failed(item, system, phase, clock))
+            out.append(_failed(item, system, phase))
     return out
 
 
-def _failed(item: Scheduled, system: str, phase: str, clock: Callable[[], float]) -> RequestResult:
+def _failed(item: Scheduled, system: str, phase: str) -> RequestResult:
     return RequestResult(
         system=system,
         phase=phase,
@@ -117,6 +117,37 @@ def _failed(item: Scheduled, system: str, phase: str, clock: Callable[[], float]
         ok=False,
         condition="failed",
         quality=0.0,
+    )
+
+
+def _served(
+    item: Scheduled,
+    system: str,
+    phase: str,
+    *,
+    sent: float,
+    done: float,
+    tier: str,
+    backend: str,
+    condition: Condition,
+    quality: QualityModel,
+    generate_ms: float,
+) -> RequestResult:
+    """A request answered (by a backend or from the cache), scored by its serving condition."""
+    return RequestResult(
+        system=system,
+        phase=phase,
+        request_id=item.request_id,
+        group_id=item.group_id,
+        arrival_s=item.at,
+        sent_s=sent,
+        done_s=done,
+        ok=True,
+        tier=tier,
+        backend=backend,
+        condition=condition,
+        quality=quality.quality(condition),
+        generate_ms=generate_ms,
     )
 
 
@@ -171,24 +202,13 @@ def serve_direct(
         try:
             backend, generation = await dispatcher.generate(item.text, item.max_new_tokens)
         except BackendError:
-            return _failed(item, system, phase, clock)
+            return _failed(item, system, phase)
         done = clock()
         condition: Condition = "large" if backend.tier == large_tier else "small_alone"
-        return RequestResult(
-            system=system,
-            phase=phase,
-            request_id=item.request_id,
-            group_id=item.group_id,
-            arrival_s=item.at,
-            sent_s=sent,
-            done_s=done,
-            ok=True,
-            tier=backend.tier,
-            backend=backend.name,
-            condition=condition,
-            quality=quality.quality(condition),
-            generate_ms=generation.latency_s * 1e3,
-        )
+        return _served(
+            item, system, phase, sent=sent, done=done, tier=backend.tier, backend=backend.name,
+            condition=condition, quality=quality, generate_ms=generation.latency_s * 1e3,
+        )  # fmt: skip
 
     return handle
 
@@ -249,42 +269,20 @@ def serve_semantic_cache(
         if hit is not None:
             same = cache.group_of.get(hit.example.example_id) == item.group_id
             condition: Condition = "cache_match" if same else "cache_other"
-            return RequestResult(
-                system=system,
-                phase=phase,
-                request_id=item.request_id,
-                group_id=item.group_id,
-                arrival_s=item.at,
-                sent_s=sent,
-                done_s=clock(),
-                ok=True,
-                tier="cache",
-                backend="cache",
-                condition=condition,
-                quality=quality.quality(condition),
-                generate_ms=0.0,
-            )
+            return _served(
+                item, system, phase, sent=sent, done=clock(), tier="cache", backend="cache",
+                condition=condition, quality=quality, generate_ms=0.0,
+            )  # fmt: skip
         try:
             backend, generation = await dispatcher.generate(item.text, item.max_new_tokens)
         except BackendError:
-            return _failed(item, system, phase, clock)
+            return _failed(item, system, phase)
         done = clock()
         await cache.admit(item.text, vector, generation.text)
-        return RequestResult(
-            system=system,
-            phase=phase,
-            request_id=item.request_id,
-            group_id=item.group_id,
-            arrival_s=item.at,
-            sent_s=sent,
-            done_s=done,
-            ok=True,
-            tier=backend.tier,
-            backend=backend.name,
-            condition="large",
-            quality=quality.quality("large"),
-            generate_ms=generation.latency_s * 1e3,
-        )
+        return _served(
+            item, system, phase, sent=sent, done=done, tier=backend.tier, backend=backend.name,
+            condition="large", quality=quality, generate_ms=generation.latency_s * 1e3,
+        )  # fmt: skip
 
     return handle
 
