@@ -360,7 +360,7 @@ async def measure_server(
 async def _measure_dev_server(
     engine: Literal["llama", "emulated"], extra_args: Sequence[str], log_dir: Path, **kw: Any
 ) -> dict[str, float]:
-    from infra.tgi_dev import DevServerProcess
+    from devstack.tgi_dev import DevServerProcess
 
     server = DevServerProcess(
         port=0,

@@ -245,9 +245,9 @@ class Fleet:
         self.servers: dict[str, Any] = {}
 
     async def __aenter__(self) -> Fleet:
-        from infra.localstack import LocalStack
+        from devstack.localstack import LocalStack
+        from devstack.tgi_dev import DevServerProcess
         from infra.settings import load_settings
-        from infra.tgi_dev import DevServerProcess
 
         base = load_settings(stack={"data_dir": str(self.data_dir)})
         self.stack = LocalStack(
@@ -719,7 +719,7 @@ async def _run_system(
     utility_model_path: Path | None = None,
 ) -> tuple[list[RequestResult], list[dict[str, Any]], dict[str, Any]]:
     """Both phases of one system; returns records, queue-depth samples and facts about the run."""
-    from infra.localstack import create_topics
+    from devstack.localstack import create_topics
     from streams.topology import topic_specs
 
     p = fleet.preset
@@ -764,8 +764,8 @@ async def _run_system(
         count = await seed_bank(settings, bench.bank, bank_vectors, p.tokens_median)
         facts["bank_examples"] = count
     if is_echolm:
+        from devstack.workers import WorkerProcess
         from echolm.client import EchoClient
-        from infra.workers import WorkerProcess
 
         worker = WorkerProcess(settings, log_path=fleet.data_dir / f"worker-{system}.log", name=system)
         worker.start()

@@ -59,14 +59,14 @@ from tqdm import tqdm
 from agents.policy.prompt import build_messages
 from agents.policy.retrieval import Selected, SelectionResult, UtilityModel, select_examples
 from agents.policy.routing import BackendView, LinUCBBandit, choose_backend, context_features
+from devstack.localstack import LocalStack, create_topics, free_port
+from devstack.workers import WorkerProcess
 from echolm.client import EchoClient, Reply
 from infra.embedding import SentenceTransformerEmbedder
-from infra.localstack import LocalStack, create_topics, free_port
 from infra.milvus import MilvusExampleStore
 from infra.protocols import Example, GenerationParams, QueueDepth, SearchHit
 from infra.settings import Settings, load_settings, parse_overrides
 from infra.tgi import TGIGenerator
-from infra.workers import WorkerProcess
 from streams.topology import topic_specs
 
 __all__ = ["PRESETS", "Preset", "main"]
@@ -271,8 +271,8 @@ def _descendants(root: int) -> set[int]:
     return tree
 
 
-_ROLES = (("echolm.cli", "worker"), ("/bin/milvus", "milvus"), ("infra.localstack", "milvus"),
-          ("tansu", "broker"), ("infra.tgi_dev", "backends"))  # fmt: skip
+_ROLES = (("echolm.cli", "worker"), ("/bin/milvus", "milvus"), ("devstack.localstack", "milvus"),
+          ("tansu", "broker"), ("devstack.tgi_dev", "backends"))  # fmt: skip
 
 
 def _role(pid: int) -> str:

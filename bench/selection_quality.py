@@ -61,11 +61,11 @@ from bench.workloads import (
     sample_groups,
     split_groups,
 )
+from devstack.tgi_dev import DevServerProcess
 from infra.embedding import SentenceTransformerEmbedder
 from infra.protocols import ChatMessage, Example, Generation, GenerationParams, SearchHit
 from infra.settings import BackendSettings, EmbeddingSettings, SelectionSettings
 from infra.tgi import TGIGenerator
-from infra.tgi_dev import DevServerProcess
 
 T = TypeVar("T")
 

@@ -155,11 +155,11 @@ async def run_soak(
     from aiokafka import AIOKafkaConsumer
     from aiokafka.admin import AIOKafkaAdminClient
 
+    from devstack.localstack import LocalStack
+    from devstack.workers import WorkerProcess
     from echolm.client import EchoClient
     from infra.kafka import kafka_client_kwargs, kafka_consumer_kwargs
-    from infra.localstack import LocalStack
     from infra.settings import load_settings
-    from infra.workers import WorkerProcess
     from streams.topology import topic_specs
 
     tag = uuid.uuid4().hex[:6]

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from infra.localstack import MilvusServer, TansuBroker, free_port
+from devstack.localstack import MilvusServer, TansuBroker, free_port
 from infra.milvus import MilvusExampleStore
 from infra.protocols import Example
 from infra.settings import MilvusSettings

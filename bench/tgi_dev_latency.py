@@ -19,10 +19,10 @@ from collections.abc import Awaitable, Callable
 
 import httpx
 
+from devstack.tgi_dev import DevServerProcess
 from infra.protocols import ChatMessage, GenerationParams
 from infra.settings import BackendSettings
 from infra.tgi import TGIGenerator, TGIQueueProbe, parse_queue_gauges
-from infra.tgi_dev import DevServerProcess
 
 _counter = itertools.count()
 STORY = "Write a long story about a lighthouse keeper and the sea."  # chat: long answers

@@ -141,7 +141,7 @@ def cmd_feedback(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_topics(settings: Settings, args: argparse.Namespace) -> int:
-    from infra.localstack import create_topics
+    from infra.topics import create_topics
     from streams.topology import topic_specs
 
     specs = topic_specs(settings)

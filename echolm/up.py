@@ -17,9 +17,9 @@ import time
 import uuid
 from typing import Literal
 
-from infra.localstack import LocalStack
+from devstack.localstack import LocalStack
+from devstack.workers import WorkerProcess
 from infra.settings import Settings
-from infra.workers import WorkerProcess
 from streams.topology import topic_specs
 
 from .client import EchoClient

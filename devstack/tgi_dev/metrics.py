@@ -11,7 +11,7 @@ import bisect
 from collections import Counter
 from dataclasses import dataclass, field
 
-from infra.tgi_dev.scheduler import RequestQueue
+from devstack.tgi_dev.scheduler import RequestQueue
 
 __all__ = ["DevMetrics"]
 

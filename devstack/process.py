@@ -1,6 +1,6 @@
 """Child processes of the local stack: ports, readiness, termination, and dying with the parent.
 
-Shared by ``infra/localstack.py`` (the broker and the stack) and ``infra/milvus_embedded.py`` (the
+Shared by ``devstack/localstack.py`` (the broker and the stack) and ``devstack/milvus_embedded.py`` (the
 embedded Milvus server). Everything here is small and synchronous except the two waits.
 """
 
@@ -17,9 +17,12 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import IO, ClassVar
 
 __all__ = [
+    "ChildProcess",
     "LocalStackError",
     "alive",
     "cmdline",
@@ -96,10 +99,11 @@ async def wait_for_port(
 
 
 def log_tail(path: Path, lines: int = 20) -> str:
+    """The last ``lines`` lines of a log file, for error messages."""
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except FileNotFoundError:
-        return "(no log)"
+        return "(no log yet)"
 
 
 def pdeathsig_prefix() -> list[str]:
@@ -151,3 +155,103 @@ def die_with_parent(parent_pid: int) -> None:
             libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     if parent_pid and os.getppid() != parent_pid:
         raise SystemExit("parent already exited")
+
+
+class ChildProcess:
+    """One child process we own, with its output appended to ``log_path``.
+
+    * ``_spawn(command, ...)`` starts it unless one is running (idempotent: a second call while it
+      runs does nothing; a call after it exited or was stopped starts a fresh one);
+    * ``pid``: the last started process's pid (kept after it exits, for logs and fault tests);
+    * ``stop_blocking()`` / ``astop()``: SIGTERM, then SIGKILL after ``stop_timeout_s``; idempotent,
+      returns the exit code (None if never started) and closes the log file;
+    * ``kill()``: SIGKILL at once (a crash, for fault-injection tests);
+    * ``log_tail()``: the last lines of the log, for error messages.
+
+    ``error`` is the exception type a launcher raises when its child does not start.
+    """
+
+    error: ClassVar[type[RuntimeError]] = LocalStackError
+    tail_lines: ClassVar[int] = 20
+
+    def __init__(self, *, log_path: Path, stop_timeout_s: float) -> None:
+        self.log_path = log_path
+        self.stop_timeout_s = stop_timeout_s
+        self._process: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        return self._process.poll() if self._process is not None else None
+
+    def _spawn(
+        self,
+        command: Sequence[str],
+        *,
+        stdin: int = subprocess.DEVNULL,
+        cwd: Path | None = None,
+        env: Mapping[str, str] | None = None,
+        new_session: bool = True,
+    ) -> bool:
+        """Start ``command`` unless a child is running; True when a new one was started."""
+        if self.running:
+            return False
+        self._close_log()
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = self.log_path.open("ab")
+        self._process = subprocess.Popen(
+            list(command),
+            stdin=stdin,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            env=None if env is None else dict(env),
+            start_new_session=new_session,
+        )
+        return True
+
+    def _raise_if_exited(self, what: str, doing: str = "while starting") -> None:
+        """Raise ``error`` with the exit code and the log's tail if the child has exited."""
+        code = self.returncode
+        if code is not None:
+            tail = self.log_tail()
+            raise self.error(
+                f"{what} exited with code {code} {doing}; last log lines ({self.log_path}):\n{tail}"
+            )
+
+    def stop_blocking(self) -> int | None:
+        """SIGTERM, then SIGKILL after ``stop_timeout_s``. Idempotent; blocks (see ``astop``)."""
+        process = self._process
+        if process is None:
+            return None
+        terminate(process, self.stop_timeout_s)
+        self._close_log()
+        return process.returncode
+
+    async def astop(self) -> int | None:
+        """``stop_blocking`` in a thread, so the event loop keeps running while the child drains."""
+        return await asyncio.to_thread(self.stop_blocking)
+
+    def kill(self) -> None:
+        """SIGKILL now and reap: a crash, for fault-injection tests."""
+        process = self._process
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait(10)
+        self._close_log()
+
+    def log_tail(self, lines: int | None = None) -> str:
+        return log_tail(self.log_path, lines or self.tail_lines)
+
+    def _close_log(self) -> None:
+        log_file, self._log = self._log, None
+        if log_file is not None:
+            log_file.close()

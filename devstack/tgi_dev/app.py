@@ -28,10 +28,10 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from infra.tgi_dev import wire
-from infra.tgi_dev.engine import Engine, Token
-from infra.tgi_dev.metrics import DevMetrics
-from infra.tgi_dev.scheduler import QueueFull, RequestQueue, Ticket
+from devstack.tgi_dev import wire
+from devstack.tgi_dev.engine import Engine, Token
+from devstack.tgi_dev.metrics import DevMetrics
+from devstack.tgi_dev.scheduler import QueueFull, RequestQueue, Ticket
 
 __all__ = ["VERSION", "DevServer", "DevServerConfig", "build_app"]
 

@@ -1,6 +1,6 @@
 """``EmulatedEngine``: a TGI backend without a model, for fleet-scale benchmarks.
 
-It plugs into the dev server (``python -m infra.tgi_dev --engine emulated``) and spends simulated
+It plugs into the dev server (``python -m devstack.tgi_dev --engine emulated``) and spends simulated
 time instead of compute, following a calibrated service-time model:
 
 * prefill: ``prefill_ms_per_token`` x prompt tokens, ending with the first token (time to first token),
@@ -21,7 +21,7 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from infra.tgi_dev.engine import SamplingParams, Token
+from devstack.tgi_dev.engine import SamplingParams, Token
 
 __all__ = ["EmulatedEngine", "ServiceTimeModel"]
 
@@ -64,7 +64,7 @@ class ServiceTimeModel:
 
 
 class EmulatedEngine:
-    """Implements ``infra.tgi_dev.engine.Engine`` with simulated service time."""
+    """Implements ``devstack.tgi_dev.engine.Engine`` with simulated service time."""
 
     compute_type = "emulated"
 

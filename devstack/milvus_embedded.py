@@ -1,6 +1,6 @@
 """The embedded Milvus server (``milvus`` wheel 2.3.5) in a child process we own.
 
-Parent side: ``MilvusServer`` starts ``python -m infra.localstack milvus --port P --dir D`` (the
+Parent side: ``MilvusServer`` starts ``python -m devstack.localstack milvus --port P --dir D`` (the
 command name is kept stable: benchmarks find the process by it), waits for ``D/ready.json`` and the
 port, and stops it. Child side: ``serve()`` runs ``milvus.MilvusServer`` until SIGTERM/SIGINT, stdin
 EOF or parent death. Why a child, and the port fixes the 2.3.5 wheel needs: docs/local-stack.md.
@@ -22,17 +22,16 @@ import time
 import urllib.request
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Self
+from typing import Self
 
-from .processes import (
+from .process import (
+    ChildProcess,
     LocalStackError,
     alive,
     cmdline,
     die_with_parent,
     free_port,
-    log_tail,
     port_is_free,
-    terminate,
     wait_for_port,
     wait_port_free,
 )
@@ -41,13 +40,16 @@ __all__ = ["MilvusServer", "serve"]
 
 log = logging.getLogger(__name__)
 
-_PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the folder holding infra/
+_PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the folder holding devstack/
+# The child's module: kept stable, benchmarks find the process by it in its command line.
+_MODULE = "devstack.localstack"
 
 
-class MilvusServer:
+class MilvusServer(ChildProcess):
     """The embedded Milvus standalone server (``milvus`` wheel 2.3.5), in a child process we own.
 
-    ``uri`` is ``http://127.0.0.1:PORT``. Data lives in ``data_dir`` and survives restarts.
+    ``uri`` is ``http://127.0.0.1:PORT``. Data lives in ``data_dir`` and survives restarts. ``pid`` is
+    the supervising child's; the milvus binary's is ``server_pid`` in ``ready_file``.
     """
 
     def __init__(
@@ -61,12 +63,10 @@ class MilvusServer:
         python: str = sys.executable,
     ) -> None:
         self.data_dir = data_dir.resolve()
+        super().__init__(log_path=log_path or self.data_dir / "supervisor.log", stop_timeout_s=stop_timeout_s)
         self.port = port
-        self.log_path = log_path or self.data_dir / "supervisor.log"
-        self.start_timeout_s, self.stop_timeout_s = start_timeout_s, stop_timeout_s
+        self.start_timeout_s = start_timeout_s
         self._python = python
-        self._process: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
 
     @property
     def uri(self) -> str:
@@ -76,18 +76,9 @@ class MilvusServer:
     def ready_file(self) -> Path:
         return self.data_dir / "ready.json"
 
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        """The supervising child's pid; the milvus binary's is ``server_pid`` in ``ready_file``."""
-        return self._process.pid if self._process is not None else None
-
     async def start(self) -> None:
         """Start the child and wait until the server answers on ``port``. Idempotent."""
-        if self._process is not None:
+        if self.running:
             return
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._reap_leftover()
@@ -96,20 +87,15 @@ class MilvusServer:
                 f"port {self.port} is in use: another Milvus (an earlier `echolm up`?) or another service "
                 "holds it; stop it, or set stack.milvus_port, or use stack.milvus='lite'"
             )
-        command = [
-            self._python, "-m", "infra.localstack", "milvus",
-            "--port", str(self.port), "--dir", str(self.data_dir), "--parent-pid", str(os.getpid()),
-            "--start-timeout", str(self.start_timeout_s),
-        ]  # fmt: skip
-        self._log = self.log_path.open("ab")
-        self._process = subprocess.Popen(  # noqa: ASYNC220 - fork/exec takes about 1 ms; waits are async
-            command,
+        self._spawn(
+            [
+                self._python, "-m", _MODULE, "milvus",
+                "--port", str(self.port), "--dir", str(self.data_dir), "--parent-pid", str(os.getpid()),
+                "--start-timeout", str(self.start_timeout_s),
+            ],
             stdin=subprocess.PIPE,  # closing it tells the child to stop
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
             cwd=_PACKAGE_ROOT,
-            start_new_session=True,
-        )
+        )  # fmt: skip
         try:
             await self._wait_ready()
         except BaseException:
@@ -117,14 +103,9 @@ class MilvusServer:
             raise
 
     async def _wait_ready(self) -> None:
-        assert self._process is not None
         deadline = time.monotonic() + self.start_timeout_s
         while not self.ready_file.is_file():
-            if self._process.poll() is not None:
-                raise LocalStackError(
-                    f"the Milvus server exited with code {self._process.returncode} while starting; "
-                    f"see {self.log_path} and {self.data_dir / 'logs'}:\n{log_tail(self.log_path)}"
-                )
+            self._raise_if_exited("the Milvus server", f"while starting (see also {self.data_dir / 'logs'})")
             if time.monotonic() > deadline:
                 raise LocalStackError(
                     f"the Milvus server did not start within {self.start_timeout_s:.0f} s; "
@@ -138,16 +119,14 @@ class MilvusServer:
 
     async def stop(self) -> None:
         """Ask the child to stop the server (it kills the binary after 1 s), then SIGKILL leftovers."""
-        process, self._process = self._process, None
-        if process is not None:
-            if process.stdin is not None:
-                with contextlib.suppress(OSError):
-                    process.stdin.close()
-            await asyncio.to_thread(terminate, process, self.stop_timeout_s)
-            self._reap_leftover()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        process = self._process
+        if process is None:
+            return
+        if process.stdin is not None:
+            with contextlib.suppress(OSError):
+                process.stdin.close()
+        await self.astop()
+        self._reap_leftover()
 
     def _reap_leftover(self) -> None:
         """Kill a milvus binary that a killed child left running in ``data_dir``; refuse a live one."""
@@ -156,7 +135,7 @@ class MilvusServer:
         except (FileNotFoundError, ValueError):
             return
         supervisor, binary = int(info.get("supervisor_pid", 0)), int(info.get("server_pid", 0))
-        if supervisor and alive(supervisor) and "infra.localstack" in cmdline(supervisor):
+        if supervisor and alive(supervisor) and _MODULE in cmdline(supervisor):
             raise LocalStackError(
                 f"another local stack (pid {supervisor}) is running a Milvus server in {self.data_dir}; "
                 "stop it first or use another stack.data_dir"

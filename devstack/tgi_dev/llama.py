@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from infra.tgi_dev.engine import FinishReason, SamplingParams, Token
+from devstack.tgi_dev.engine import FinishReason, SamplingParams, Token
 
 if TYPE_CHECKING:
     from llama_cpp import Llama

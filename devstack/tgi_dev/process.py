@@ -20,20 +20,21 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Literal
+from typing import Literal
 
 import httpx
 
+from devstack.process import ChildProcess
+
 __all__ = ["DevServerError", "DevServerProcess"]
 
-_PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding infra/: importable from there
+_PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding devstack/: importable from there
 _POLL_S = 0.05
 
 
@@ -41,7 +42,12 @@ class DevServerError(RuntimeError):
     """The dev server did not start, or died; the message carries the tail of its log."""
 
 
-class DevServerProcess:
+class DevServerProcess(ChildProcess):
+    """The dev TGI server in a child process (see the module docstring)."""
+
+    error = DevServerError
+    tail_lines = 30
+
     def __init__(
         self,
         *,
@@ -60,16 +66,15 @@ class DevServerProcess:
         stop_timeout_s: float = 10.0,
         python: str = sys.executable,
     ) -> None:
+        self._workdir = Path(tempfile.mkdtemp(prefix="tgi-dev-"))
+        super().__init__(log_path=log_path or self._workdir / "server.log", stop_timeout_s=stop_timeout_s)
         self.host = host
         self._requested_port = port
         self._port: int | None = port or None
         self.ready_timeout_s = ready_timeout_s
-        self.stop_timeout_s = stop_timeout_s
-        self._workdir = Path(tempfile.mkdtemp(prefix="tgi-dev-"))
-        self.log_path = log_path or self._workdir / "server.log"
         self._port_file = self._workdir / "port"
         args = [
-            python, "-m", "infra.tgi_dev",
+            python, "-m", "devstack.tgi_dev",
             "--host", host,
             "--port", str(port),
             "--port-file", str(self._port_file),
@@ -85,8 +90,6 @@ class DevServerProcess:
         if model_id is not None:
             args += ["--model-id", model_id]
         self.command: list[str] = [*args, *extra_args]
-        self._process: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
 
     # ---------------------------------------------------------------------------------- queries
     @property
@@ -101,27 +104,11 @@ class DevServerProcess:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
-
     # -------------------------------------------------------------------------------- lifecycle
     def start(self, *, wait: bool = True) -> DevServerProcess:
-        """Spawn the server (once); with ``wait`` block until ``/health`` answers 200."""
-        if self._process is None:
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            self._log = self.log_path.open("ab")
-            self._process = subprocess.Popen(
-                self.command,
-                stdout=self._log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                cwd=_PACKAGE_ROOT,
-            )
+        """Spawn the server (unless it runs); with ``wait`` block until ``/health`` answers 200."""
+        # In our session (signals to our process group reach it); it also exits when we die (--parent-pid).
+        self._spawn(self.command, cwd=_PACKAGE_ROOT, new_session=False)
         if wait:
             self.wait_ready()
         return self
@@ -155,30 +142,7 @@ class DevServerProcess:
         A clean stop returns ``-SIGTERM`` (-15): uvicorn drains and shuts the app down, then re-raises
         the signal it caught. ``-SIGKILL`` means the deadline passed.
         """
-        process = self._process
-        if process is None:
-            return None
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(self.stop_timeout_s)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        return process.returncode
-
-    async def astop(self) -> int | None:
-        return await asyncio.to_thread(self.stop)
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return "(no log yet)"
-        return "\n".join(text.splitlines()[-lines:])
+        return self.stop_blocking()
 
     # ------------------------------------------------------------------------- context managers
     def __enter__(self) -> DevServerProcess:
@@ -231,13 +195,7 @@ class DevServerProcess:
     def _check_deadline(self, deadline: float) -> None:
         if self._process is None:
             raise DevServerError("the dev server was never started: call start() first")
-        code = self._process.poll()
-        if code is not None:
-            raise DevServerError(
-                f"the dev server exited with code {code} before it was ready "
-                f"(command: {' '.join(self.command)}); "
-                f"last log lines from {self.log_path}:\n{self.log_tail()}"
-            )
+        self._raise_if_exited("the dev server", f"before it was ready (command: {' '.join(self.command)})")
         if time.monotonic() > deadline:
             raise DevServerError(
                 f"the dev server on {self.host}:{self._port or self._requested_port} was not healthy within "

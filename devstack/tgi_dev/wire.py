@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from infra.tgi_dev.engine import FinishReason, SamplingParams, Token
+from devstack.tgi_dev.engine import FinishReason, SamplingParams, Token
 
 __all__ = [
     "Job",

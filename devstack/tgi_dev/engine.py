@@ -8,8 +8,8 @@ it (validation, the request queue, metrics, wire formats), so an engine only has
 * stream tokens, the last one carrying ``finish_reason``, without blocking the event loop,
 * say how many sequences it can decode at once (``max_batch_size``).
 
-Two engines exist: ``infra.tgi_dev.llama.LlamaCppEngine`` (the real GGUF model, one sequence at a
-time) and ``infra.tgi_emulator.EmulatedEngine`` (a calibrated service-time model with continuous
+Two engines exist: ``devstack.tgi_dev.llama.LlamaCppEngine`` (the real GGUF model, one sequence at a
+time) and ``devstack.tgi_emulator.EmulatedEngine`` (a calibrated service-time model with continuous
 batching, for fleet-scale benchmarks).
 """
 
