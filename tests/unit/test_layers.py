@@ -15,6 +15,8 @@ Read statically from every module's AST: ``import``/``from`` statements anywhere
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,3 +141,14 @@ def test_no_module_imports_from_a_layer_above(module: str, path: Path) -> None:
     is_package = path.name == "__init__.py"
     offences = [o for e in edges(path.read_text(encoding="utf-8"), module, is_package) if (o := offence(e))]
     assert not offences, "\n".join(offences)
+
+
+def test_the_worker_and_the_cli_load_neither_devstack_nor_bench() -> None:
+    """Dynamically too: importing the production entry points in a fresh interpreter loads no module
+    of devstack, bench or tests (what ``echolm worker`` runs ships without them)."""
+    code = (
+        "import sys, echolm.app, echolm.cli, echolm.worker; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in {'devstack', 'bench', 'tests'}))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert done.stdout.strip() == "[]", done.stdout
