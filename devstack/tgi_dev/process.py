@@ -107,6 +107,9 @@ class DevServerProcess(ChildProcess):
     # -------------------------------------------------------------------------------- lifecycle
     def start(self, *, wait: bool = True) -> DevServerProcess:
         """Spawn the server (unless it runs); with ``wait`` block until ``/health`` answers 200."""
+        if not self.running:  # a fresh child reports its own port: forget the last one's
+            self._port = self._requested_port or None
+            self._port_file.unlink(missing_ok=True)
         # In our session (signals to our process group reach it); it also exits when we die (--parent-pid).
         self._spawn(self.command, cwd=_PACKAGE_ROOT, new_session=False)
         if wait:
