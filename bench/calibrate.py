@@ -244,7 +244,8 @@ def quality_model_from_selection(
     than ``min_n`` requests keeps ``fallback``'s value, and its source says so. Returns the model and,
     per cell, n, win rate and Wilson 95% interval.
     """
-    from agents.policy.scoring import outcomes, wilson_interval
+    from agents.policy.scoring import outcomes
+    from bench.stats import wilson_interval
 
     fallback = fallback or ASSUMED_QUALITY
     tie = float(result.get("preset", {}).get("tie", 0.02))

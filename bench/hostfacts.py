@@ -55,8 +55,8 @@ def _git(*args: str) -> str | None:
 
 
 def loadavg() -> list[float]:
-    """The 1/5/15-minute load average now."""
-    return list(os.getloadavg())
+    """The 1/5/15-minute load average now (two decimals)."""
+    return [round(x, 2) for x in os.getloadavg()]
 
 
 def host_facts(
