@@ -36,6 +36,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from bench.hostfacts import host_facts, loadavg, metadata
+
 __all__ = [
     "CONDITIONS",
     "NOTES_DECODE_MS",
@@ -379,6 +381,7 @@ async def run_calibration(
     *, out: Path = CALIBRATION_JSON, dev_server: bool = True, log_dir: Path, progress: Any = print
 ) -> dict[str, Any]:
     """Measure the CPU dev server and check the emulator against every calibrated tier."""
+    started, load_start = time.time(), loadavg()
     log_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once per run, nothing else is waiting
     gpu = load_gpu_services()
     tiers: dict[str, Any] = {name: asdict(s) for name, s in gpu.items()}
@@ -417,7 +420,10 @@ async def run_calibration(
             max_batch_size=32,
         )
     quality = load_quality_model()
+    command = "echolm bench calibrate" + ("" if dev_server else " --skip-dev-server")
     result = {
+        **metadata("calibrate", command=command, started_at=started, wall_s=time.time() - started),
+        "machine": host_facts(loadavg_start=load_start, loadavg_end=loadavg()),
         "tiers": tiers,
         "emulator_check": checks,
         "quality_model": quality.table(),
