@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     for path, text in pending:
         if not args.check:
             path.write_text(text)
-        print(f"{'needs migration' if args.check else 'migrated'}: {path}", file=sys.stderr)
+        sys.stderr.write(f"{'needs migration' if args.check else 'migrated'}: {path}\n")
     return 1 if args.check and pending else 0
 
 
