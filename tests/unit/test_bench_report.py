@@ -1,4 +1,4 @@
-"""bench/report.py: aggregation, timelines, headline ratios and the BENCHMARKS.md sections (pure)."""
+"""bench/report (package): aggregation, timelines, headline ratios and the BENCHMARKS.md sections (pure)."""
 
 from __future__ import annotations
 
