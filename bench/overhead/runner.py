@@ -38,7 +38,6 @@ from streams.topology import topic_specs
 __all__ = ["run"]
 
 
-# --------------------------------------------------------------------------------------------- runner
 def _set_overrides(pairs: Sequence[str]) -> dict[str, dict[str, Any]]:
     try:
         return parse_overrides(pairs)

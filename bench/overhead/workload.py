@@ -11,7 +11,6 @@ from infra.protocols import Example
 
 __all__ = ["answer", "bank_example", "question"]
 
-# ------------------------------------------------------------------------------------ workload text
 _SUBJECTS = (
     "password", "invoice", "order", "subscription", "refund", "account", "shipping address", "credit card",
     "delivery", "warranty", "hotel booking", "flight", "prescription", "doctor's appointment",
