@@ -129,11 +129,11 @@ async def run_fleet(
     records_path = out.with_name(out.stem + "-records.jsonl.gz")
     machine = host_facts(loadavg_start=load_start, loadavg_end=loadavg())
     result: dict[str, Any] = {
+        **metadata("fleet", command=command, started_at=started, wall_s=time.time() - started),
+        "machine": machine,
         "label": f"echolm bench fleet --preset {preset.name} | commit {machine['commit']} | "
         f"{time.strftime('%Y-%m-%d')}",
-        **metadata("fleet", command=command, started_at=started, wall_s=time.time() - started),
         "preset": asdict(preset),
-        "machine": machine,
         "services": {
             "small": asdict(services[preset.small_model]),
             "large": asdict(services[preset.large_model]),

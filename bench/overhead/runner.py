@@ -71,10 +71,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.time()
     report: dict[str, Any] = {
         **metadata("overhead", command=getattr(args, "command", None), started_at=started, wall_s=None),
+        "machine": host_facts(loadavg_start=loadavg()),
         "preset": args.preset, "seed": args.seed, "config": asdict(preset), "overrides": overrides,
         "fetch_max_wait_ms": load_settings(**{k: v for k, v in overrides.items() if k == "kafka"})
         .kafka.fetch_max_wait_ms,
-        "machine": host_facts(loadavg_start=loadavg()),
     }  # fmt: skip
     base = load_settings(**sections)
     stack = LocalStack(
