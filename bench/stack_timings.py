@@ -45,6 +45,8 @@ from infra.milvus import MilvusExampleStore
 from infra.protocols import Example
 from infra.settings import MilvusSettings
 
+__all__ = ["bench_backend", "bench_broker", "main", "percentiles"]
+
 DIM = 384
 TENANT = "bench"
 

@@ -30,6 +30,9 @@ STORY = "Write a long story about a lighthouse keeper and the sea."  # chat: lon
 OPENING = "Once upon a time, in a small village by the sea, there lived"  # completion: long continuations
 
 
+__all__ = ["main", "summary"]
+
+
 def fresh(text: str) -> str:
     return f"Chapter {next(_counter)}. {text}"
 
