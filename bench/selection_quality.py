@@ -52,7 +52,8 @@ from agents.policy.retrieval import (
     select_examples,
 )
 from agents.scorers import ReferenceFreeScorer
-from bench.quality import ReferenceScorer, compare, machine, summarize
+from bench.hostfacts import host_facts as machine
+from bench.quality import ReferenceScorer, compare, summarize
 from bench.workloads import (
     ParaphraseGroup,
     Request,
