@@ -29,6 +29,7 @@ from pydantic_settings import (
 
 __all__ = [
     "BackendSettings",
+    "ClientSettings",
     "EmbeddingSettings",
     "KafkaSettings",
     "LimitsSettings",
@@ -281,6 +282,27 @@ class WorkerSettings(_Section):
     )
 
 
+class ClientSettings(_Section):
+    """``EchoClient``: its reply-topic position and the bounds on what it remembers (docs/reliability.md)."""
+
+    group_id: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9._-]{1,200}$",
+        description="Stable consumer group for the reply topic: a restarted client resumes where it "
+        "stopped (committed offsets). None = read from the end at start. Use with a private reply topic.",
+    )
+    max_outstanding: int = Field(
+        100_000, ge=1, description="Requests waiting for a reply at once; past it send() raises."
+    )
+    reply_grace_s: float = Field(
+        5.0, ge=0, description="A request expires this long after its deadline; later replies are late."
+    )
+    remember_answered: int = Field(
+        100_000, ge=0, description="Answered ids kept to count (and drop) duplicate replies."
+    )
+    remember_expired: int = Field(100_000, ge=0, description="Expired ids kept to count late replies.")
+
+
 class LocalStackSettings(_Section):
     """What ``echolm up`` starts on this machine (no Docker)."""
 
@@ -315,6 +337,7 @@ class Settings(BaseSettings):
     replay: ReplaySettings = ReplaySettings()
     limits: LimitsSettings = LimitsSettings()
     worker: WorkerSettings = WorkerSettings()
+    client: ClientSettings = ClientSettings()
     stack: LocalStackSettings = LocalStackSettings()
 
     @field_validator("tgi")
