@@ -260,14 +260,18 @@ class EchoClient:
             self._pending.pop(request_id, None)
             self._tracker.abandon(request_id)
 
-    async def feedback(self, request_id: str, score: float, *, tenant: str = "default") -> None:
-        """Rate a reply: ``score`` in [0, 1] (thumbs up = 1, down = 0)."""
+    async def feedback(
+        self, request_id: str, score: float, *, tenant: str = "default", rater: str = ""
+    ) -> None:
+        """Rate a reply: ``score`` in [0, 1] (thumbs up = 1, down = 0). One rating per
+        (``request_id``, ``rater``) is applied; sending it again changes nothing."""
         if self._producer is None:
             raise RuntimeError("EchoClient is not started")
         value = {
             "request_id": request_id,
             "tenant": tenant,
             "score": float(score),
+            "rater": rater,
             "at": time.time(),
             "__faust": {"ns": "echolm.Feedback.v1"},
         }
