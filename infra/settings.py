@@ -280,6 +280,15 @@ class WorkerSettings(_Section):
     role: Literal["all", "serve", "background"] = Field(
         "all", description="serve = prepare+serve; background = admit, learn, replay, maintenance."
     )
+    liveness_tick_s: float = Field(
+        1.0, gt=0, description="How often the event loop stamps its liveness tick."
+    )
+    liveness_max_tick_age_s: float = Field(
+        15.0, gt=0, description="/livez fails when the event loop has not ticked for this long."
+    )
+    liveness_max_poll_age_s: float = Field(
+        60.0, gt=0, description="/livez fails when the Kafka consumer has not fetched for this long."
+    )
 
 
 class ClientSettings(_Section):

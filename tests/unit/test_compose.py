@@ -411,7 +411,7 @@ def test_dockerfile_is_multistage_nonroot_and_configured_only_through_settings()
     assert ("ENTRYPOINT", '["echolm"]') in instructions
     healthcheck = next(args for instruction, args in instructions if instruction == "HEALTHCHECK")
     assert "ECHOLM_WORKER__METRICS_PORT" in healthcheck
-    assert "/metrics" in healthcheck
+    assert "/livez" in healthcheck  # liveness: loop ticks and consumer fetches, not just a thread
     for instruction, args in instructions:
         if instruction == "ENV":
             for name in re.findall(r"(ECHOLM_[A-Z0-9_]+)=", args):
