@@ -94,6 +94,18 @@ class KafkaSettings(_Section):
         1, ge=1, description="Producer batch size in bytes; 1 = one record per batch (Tansu end-offset bug)."
     )
 
+    @model_validator(mode="after")
+    def _sasl_has_credentials(self) -> KafkaSettings:
+        if self.security_protocol.startswith("SASL_") and (
+            not self.sasl_username or self.sasl_password is None or not self.sasl_password.get_secret_value()
+        ):
+            raise ValueError(
+                f"kafka.security_protocol={self.security_protocol} needs kafka.sasl_username and "
+                "kafka.sasl_password (ECHOLM_KAFKA__SASL_USERNAME / ECHOLM_KAFKA__SASL_PASSWORD); "
+                "in docker-compose they come from .env (KAFKA_WORKER_PASSWORD, ...)"
+            )
+        return self
+
 
 class MilvusSettings(_Section):
     """The example bank. One code path; the URI picks the server.
