@@ -48,6 +48,6 @@ WORKDIR /home/echolm
 EXPOSE 9464 6066
 # The port follows ECHOLM_WORKER__METRICS_PORT at run time; any exception exits non-zero (unhealthy).
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
-  CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/metrics' % os.environ.get('ECHOLM_WORKER__METRICS_PORT', '9464'), timeout=4)"]
+  CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/livez' % os.environ.get('ECHOLM_WORKER__METRICS_PORT', '9464'), timeout=4)"]
 ENTRYPOINT ["echolm"]
 CMD ["worker"]

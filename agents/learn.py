@@ -8,6 +8,10 @@
   bandit context, reward, example features) to ``model-updates``, which every worker applies
   (agents/models.py), so all workers route with the same learned bandit.
 
+A rating whose (request id, rater) this worker has already applied is counted as ``duplicate`` and
+not published again; the guarantee itself is enforced where updates are applied (``state.claim_rating``,
+checkpointed), so a duplicate published before the first came back is skipped there.
+
 Feedback for a request this worker never saw (older than the map, or before a restart) is
 counted as ``unjoined`` and dropped; it carries no decision to learn from.
 """
@@ -77,6 +81,9 @@ def register_learn(app: faust.App, topics: Topics, res: Resources, state: Decisi
     @app.agent(topics.feedback, name="echolm.learn-feedback")
     async def learn_feedback(stream: faust.StreamT[FeedbackRecord]) -> None:
         async for fb in stream:
+            if state.has_rating(fb.request_id, fb.rater):
+                metrics.feedback.labels("duplicate").inc()
+                continue
             decision = state.recent.get(fb.request_id)
             for _ in range(_JOIN_WAIT_STEPS):  # the log record may trail the feedback by a moment
                 if decision is not None:
@@ -96,6 +103,7 @@ def register_learn(app: faust.App, topics: Topics, res: Resources, state: Decisi
                 utilities=list(decision.utilities),
                 worker=res.worker_id,
                 at=time.time(),
+                rater=fb.rater,
             )
             fut = await topics.model_updates.send(key=fb.tenant, value=update)
             await fut

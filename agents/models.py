@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 
 def apply_update(state: DecisionState, update: ModelUpdateRecord) -> None:
+    if not state.claim_rating(update.request_id, update.rater):  # a redelivered rating: applied once
+        return
     context = np.asarray(update.context, dtype=np.float64)
     if update.tier in state.bandit.tiers and context.size:
         state.bandit.update(update.tier, context, update.reward)

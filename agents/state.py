@@ -3,6 +3,15 @@ model and its threshold, circuit breakers, the replay queue and recent decisions
 
 Pure policy objects live in ``agents.policy``; this module only holds them, persists them to the
 paths in settings (JSON, written atomically) and reloads them on start.
+
+**One rating per (request id, rater) is applied once.** ``claim_rating`` is the gate every model update
+passes (``agents.models.apply_update``): the keys of the last ``routing.feedback_window`` ratings
+applied are kept in an LRU that is saved in the same atomic checkpoint as the bandit and
+``applied_offset``. A feedback record redelivered to ``learn`` (a crash before its offset was
+committed, a rebalance) publishes a second, identical update; it is skipped here. After a restart the
+worker reloads the bandit, the offset and the keys together and replays ``model-updates`` after that
+offset, so every update is applied exactly once to the state it restores. (Feedback only joins while
+its decision is in the window of the same size, so an older rating is dropped before it gets here.)
 """
 
 from __future__ import annotations
@@ -85,6 +94,8 @@ class DecisionState:
     recent_capacity: int = 50_000
     updates_since_save: int = 0
     applied_offset: int = -1  # last model-updates offset applied (saved with the checkpoint)
+    applied_ratings: OrderedDict[tuple[str, str], None] = field(default_factory=OrderedDict)
+    duplicate_ratings: int = 0  # updates skipped by claim_rating (since start)
 
     @classmethod
     def create(cls, settings: Settings) -> DecisionState:
@@ -112,6 +123,21 @@ class DecisionState:
         self.recent.move_to_end(request_id)
         while len(self.recent) > self.recent_capacity:
             self.recent.popitem(last=False)
+
+    def has_rating(self, request_id: str, rater: str) -> bool:
+        return (request_id, rater) in self.applied_ratings
+
+    def claim_rating(self, request_id: str, rater: str) -> bool:
+        """True the first time a (request id, rater) rating is seen; False (and counted) after that."""
+        key = (request_id, rater)
+        if key in self.applied_ratings:
+            self.applied_ratings.move_to_end(key)
+            self.duplicate_ratings += 1
+            return False
+        self.applied_ratings[key] = None
+        while len(self.applied_ratings) > self.recent_capacity:
+            self.applied_ratings.popitem(last=False)
+        return True
 
     def add_training(self, features: np.ndarray, label: float, cap: int = 20_000) -> None:
         self.training_x.append(features)
@@ -142,6 +168,9 @@ class DecisionState:
                 data["bandit"], example_boost=self.settings.routing.example_boost
             )
             self.applied_offset = int(data.get("applied_offset", -1))
+            self.applied_ratings = OrderedDict(
+                ((str(request_id), str(rater)), None) for request_id, rater in data.get("applied_ratings", [])
+            )
             log.info("router state loaded from %s", bandit_path)
         if utility_path and utility_path.is_file():
             data = orjson.loads(utility_path.read_bytes())
@@ -153,7 +182,12 @@ class DecisionState:
         bandit_path, utility_path = self._paths()
         if bandit_path:
             _write_atomic(
-                bandit_path, {"bandit": self.bandit.to_dict(), "applied_offset": self.applied_offset}
+                bandit_path,
+                {
+                    "bandit": self.bandit.to_dict(),
+                    "applied_offset": self.applied_offset,
+                    "applied_ratings": list(self.applied_ratings),
+                },
             )
         if utility_path:
             _write_atomic(utility_path, {"model": self.utility.to_dict(), "threshold": self.tuner.threshold})

@@ -8,34 +8,46 @@
         async for reply in client.replies():                            # one reply per request id
             ...
 
-The client reads its reply topic (``echolm.replies`` or a private ``echolm.replies.<suffix>``)
-without a consumer group, from the end at the time it starts, so it only sees replies to requests
-sent after it connected. It delivers a reply only for a request id it is still waiting on, so a
-worker that re-processes a request after a crash or rebalance and sends a second, identical reply
-is dropped: "exactly one reply per request id" as the client sees it. Memory stays bounded: an id
-leaves the outstanding map when answered, and only the last ``remember_answered`` answered ids are
-kept, to count late duplicates (``duplicates``).
+The client reads its reply topic (``echolm.replies`` or a private ``echolm.replies.<suffix>``).
+By default it has no consumer group and reads from the end at the time it starts, so it only sees
+replies to requests sent after it connected. With ``client.group_id`` set it reads in that consumer
+group and commits its position after every batch it has handed out, so a restarted client resumes its
+reply topic where it stopped and delivers the replies that arrived while it was down (``replies()``),
+also for requests its previous run sent. Use a group id only with a private reply topic: on the
+shared one it would adopt every client's replies.
+
+It delivers a reply only for a request id it is still waiting on, so a worker that re-processes a
+request after a crash or rebalance and sends a second, identical reply is dropped: "exactly one
+reply per request id" as the client sees it. Memory is bounded (``echolm/pending.py``): an unanswered
+request expires at its deadline plus ``client.reply_grace_s`` (an ``ask()`` that times out expires
+at once), at most ``client.max_outstanding`` requests wait at a time, and a reply that arrives after
+its request expired is dropped and counted (``late_replies``), never queued.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
 
 from infra.errors import ClientTimeout
 from infra.kafka import kafka_client_kwargs, kafka_consumer_kwargs
 from infra.settings import Settings
 
+from .pending import Outcome, ReplyTracker
+
 __all__ = ["EchoClient", "Reply"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,21 +86,31 @@ class Reply:
 
 class EchoClient:
     def __init__(
-        self, settings: Settings, *, reply_topic: str | None = None, remember_answered: int = 100_000
+        self,
+        settings: Settings,
+        *,
+        reply_topic: str | None = None,
+        remember_answered: int | None = None,
+        group_id: str | None = None,
     ) -> None:
         self.settings = settings
         self.request_topic = settings.topic("requests")
         self.reply_topic = reply_topic or settings.topic("replies")
         self.feedback_topic = settings.topic("feedback")
+        self.group_id = group_id or settings.client.group_id
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._reader: asyncio.Task[None] | None = None
         self._pending: dict[str, asyncio.Future[Reply]] = {}
-        self._sent_at: dict[str, float] = {}
-        self._answered: OrderedDict[str, None] = OrderedDict()
-        self._remember_answered = max(0, remember_answered)
+        limits = settings.client
+        self._tracker = ReplyTracker(
+            max_outstanding=limits.max_outstanding,
+            remember_answered=limits.remember_answered if remember_answered is None else remember_answered,
+            remember_expired=limits.remember_expired,
+            adopt_unknown=self.group_id is not None,
+        )
         self._stream: asyncio.Queue[Reply] = asyncio.Queue()
-        self.duplicates = 0
+        self.commit_failures = 0
         self._closed = False
 
     async def __aenter__(self) -> EchoClient:
@@ -104,9 +126,9 @@ class EchoClient:
         await self._producer.start()
         self._consumer = AIOKafkaConsumer(
             **kafka_consumer_kwargs(self.settings),
-            group_id=None,
+            group_id=self.group_id,
             enable_auto_commit=False,
-            auto_offset_reset="latest",
+            auto_offset_reset="latest",  # a new group (or none) starts at the end
         )
         await self._consumer.start()
         partitions = None
@@ -124,36 +146,57 @@ class EchoClient:
             )
         tps = [TopicPartition(self.reply_topic, p) for p in sorted(partitions)]
         self._consumer.assign(tps)
-        await self._consumer.seek_to_end(*tps)
-        for tp in tps:  # resolve positions now, so no reply sent after this point is missed
+        if self.group_id is None:
+            await self._consumer.seek_to_end(*tps)
+        # resolve positions now (the group's committed offsets, else the end), so no reply sent
+        # after this point is missed
+        for tp in tps:
             await self._consumer.position(tp)
         self._reader = asyncio.create_task(self._read(), name="echolm-client-replies")
 
     async def _read(self) -> None:
-        assert self._consumer is not None
-        async for message in self._consumer:
-            try:
-                data = orjson.loads(message.value) if message.value else {}
-            except orjson.JSONDecodeError:
-                continue
-            request_id = data.get("request_id")
-            if not isinstance(request_id, str):
-                continue
-            if request_id in self._answered:
-                self.duplicates += 1
-                continue
-            sent_at = self._sent_at.pop(request_id, None)
-            if sent_at is None:  # not ours, or answered so long ago that it is forgotten
-                continue
-            self._answered[request_id] = None
-            while len(self._answered) > self._remember_answered:
-                self._answered.popitem(last=False)
-            reply = Reply.from_wire(data, time.monotonic() - sent_at)
+        consumer = self._consumer
+        assert consumer is not None
+        while True:
+            batches = await consumer.getmany(timeout_ms=200)
+            for messages in batches.values():
+                for message in messages:
+                    self._take(message.value)
+            self._expire_due()
+            if self.group_id is not None and batches:
+                await self._commit()
+
+    def _take(self, value: bytes | None) -> None:
+        try:
+            data = orjson.loads(value) if value else {}
+        except orjson.JSONDecodeError:
+            return
+        request_id = data.get("request_id") if isinstance(data, dict) else None
+        if not isinstance(request_id, str):
+            return
+        resolution = self._tracker.resolve(request_id, now=time.monotonic())
+        if resolution.outcome is not Outcome.DELIVER:
+            return
+        reply = Reply.from_wire(data, resolution.latency_s)
+        future = self._pending.pop(request_id, None)
+        if future is not None and not future.done():
+            future.set_result(reply)
+        else:
+            self._stream.put_nowait(reply)
+
+    def _expire_due(self) -> None:
+        for request_id in self._tracker.expire(time.monotonic()):
             future = self._pending.pop(request_id, None)
             if future is not None and not future.done():
-                future.set_result(reply)
-            else:
-                self._stream.put_nowait(reply)
+                future.set_exception(ClientTimeout(f"request {request_id} expired without a reply"))
+
+    async def _commit(self) -> None:
+        assert self._consumer is not None
+        try:
+            await self._consumer.commit()
+        except KafkaError as exc:  # the next batch commits again; a restart may re-read a few replies
+            self.commit_failures += 1
+            log.warning("committing the reply topic position failed: %s", exc)
 
     async def send(
         self,
@@ -165,8 +208,13 @@ class EchoClient:
         no_store: bool = False,
         deadline_s: float | None = None,
         raw: bytes | None = None,
+        expires_in_s: float | None = None,
     ) -> str:
-        """Produce one request; returns its id. ``raw`` sends those bytes instead (for tests of bad input)."""
+        """Produce one request; returns its id. ``raw`` sends those bytes instead (for tests of bad input).
+
+        The client waits for its reply until ``expires_in_s`` (default: the deadline, else
+        ``limits.default_deadline_s``, plus ``client.reply_grace_s``); a later reply is dropped as late.
+        """
         if self._producer is None:
             raise RuntimeError("EchoClient is not started; use `async with EchoClient(settings)`")
         request_id = request_id or uuid.uuid4().hex
@@ -179,10 +227,20 @@ class EchoClient:
             body["no_store"] = True
         if deadline_s is not None:
             body["deadline_s"] = deadline_s
-        self._sent_at[request_id] = time.monotonic()
-        await self._producer.send_and_wait(
-            self.request_topic, raw if raw is not None else orjson.dumps(body), key=request_id.encode()
-        )
+        now = time.monotonic()
+        self._expire_due()
+        if expires_in_s is None:
+            expires_in_s = (
+                deadline_s or self.settings.limits.default_deadline_s
+            ) + self.settings.client.reply_grace_s
+        self._tracker.track(request_id, now=now, expires_at=now + expires_in_s)
+        try:
+            await self._producer.send_and_wait(
+                self.request_topic, raw if raw is not None else orjson.dumps(body), key=request_id.encode()
+            )
+        except BaseException:
+            self._tracker.abandon(request_id)
+            raise
         return request_id
 
     async def ask(self, prompt: str, *, tenant: str = "default", timeout: float = 60.0, **kw: Any) -> Reply:
@@ -190,24 +248,30 @@ class EchoClient:
         request_id = kw.pop("request_id", None) or uuid.uuid4().hex
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
-        await self.send(prompt, tenant=tenant, request_id=request_id, **kw)
         try:
+            await self.send(prompt, tenant=tenant, request_id=request_id, expires_in_s=timeout, **kw)
             return await asyncio.wait_for(future, timeout)
         except TimeoutError as exc:
-            self._pending.pop(request_id, None)
             raise ClientTimeout(
                 f"no reply to request {request_id} within {timeout}s; are workers running "
                 f"(`echolm up` or `echolm worker`) and consuming {self.request_topic}?"
             ) from exc
+        finally:  # answered, timed out or cancelled: nothing about this id stays behind
+            self._pending.pop(request_id, None)
+            self._tracker.abandon(request_id)
 
-    async def feedback(self, request_id: str, score: float, *, tenant: str = "default") -> None:
-        """Rate a reply: ``score`` in [0, 1] (thumbs up = 1, down = 0)."""
+    async def feedback(
+        self, request_id: str, score: float, *, tenant: str = "default", rater: str = ""
+    ) -> None:
+        """Rate a reply: ``score`` in [0, 1] (thumbs up = 1, down = 0). One rating per
+        (``request_id``, ``rater``) is applied; sending it again changes nothing."""
         if self._producer is None:
             raise RuntimeError("EchoClient is not started")
         value = {
             "request_id": request_id,
             "tenant": tenant,
             "score": float(score),
+            "rater": rater,
             "at": time.time(),
             "__faust": {"ns": "echolm.Feedback.v1"},
         }
@@ -223,7 +287,27 @@ class EchoClient:
 
     @property
     def outstanding(self) -> int:
-        return len(self._sent_at)
+        """Requests sent and still waiting for a reply (not yet answered or expired)."""
+        return self._tracker.outstanding
+
+    @property
+    def duplicates(self) -> int:
+        """Replies dropped because their request id was already answered."""
+        return self._tracker.duplicates
+
+    @property
+    def late_replies(self) -> int:
+        """Replies dropped because their request had expired (deadline passed, or ask() gave up)."""
+        return self._tracker.late
+
+    @property
+    def expired(self) -> int:
+        """Requests that expired without a reply."""
+        return self._tracker.expired
+
+    def sizes(self) -> dict[str, int]:
+        """Entries held by each of the client's structures (tests assert they stay bounded)."""
+        return {**self._tracker.sizes(), "waiters": len(self._pending), "unread": self._stream.qsize()}
 
     async def aclose(self) -> None:
         if self._closed:
@@ -236,6 +320,8 @@ class EchoClient:
         for future in self._pending.values():
             future.cancel()
         if self._consumer is not None:
+            if self.group_id is not None:
+                await self._commit()
             await self._consumer.stop()
         if self._producer is not None:
             await self._producer.stop()

@@ -4,6 +4,9 @@ On SIGTERM/SIGINT: (1) stop fetching (pause every assigned partition), (2) wait 
 already in flight are answered or ``worker.shutdown_grace_s`` passes, (3) stop the app: agents are
 cancelled, un-acked offsets stay uncommitted (another worker re-processes them; the client drops
 the duplicate reply), adapters close in reverse order. Counts are logged.
+
+Liveness (infra/liveness.py): a timer in the event loop ticks every ``worker.liveness_tick_s`` and
+the consumer thread reports every fetch; ``/livez`` on the metrics port fails when either stops.
 """
 
 from __future__ import annotations
@@ -16,13 +19,15 @@ from typing import Any
 
 import faust
 
+from infra.liveness import Liveness
 from infra.metrics import serve_metrics
 from infra.resources import Resources
 from infra.settings import Settings
+from streams.transport import install_liveness
 
 from .app import build_app
 
-__all__ = ["DrainingWorker", "run_worker"]
+__all__ = ["DrainingWorker", "run_worker", "watch_liveness"]
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +61,25 @@ class DrainingWorker(faust.Worker):
         await super()._stop_on_signal(sig)
 
 
+def watch_liveness(app: faust.App, settings: Settings) -> Liveness:
+    """A ``Liveness`` fed by a timer in ``app``'s event loop and by its consumer's fetches."""
+    w = settings.worker
+    liveness = Liveness(max_tick_age_s=w.liveness_max_tick_age_s, max_poll_age_s=w.liveness_max_poll_age_s)
+    install_liveness(app, liveness)
+
+    @app.timer(w.liveness_tick_s, name="echolm.liveness-tick")  # type: ignore[untyped-decorator]
+    async def tick() -> None:
+        liveness.tick()
+
+    return liveness
+
+
 def run_worker(settings: Settings, *, role: str | None = None) -> int:
     if role:
         settings = settings.model_copy(update={"worker": settings.worker.model_copy(update={"role": role})})
     built = build_app(settings)
-    serve_metrics(built.resources.metrics, settings.worker.metrics_port)
+    liveness = watch_liveness(built.app, settings)
+    serve_metrics(built.resources.metrics, settings.worker.metrics_port, liveness=liveness)
     worker = DrainingWorker(
         built.app,
         built.resources,

@@ -17,7 +17,8 @@
     │   └── BackendRejected           4xx but 429: the request is wrong for this backend (not retriable)
     ├── NoBackendAvailable            nothing can serve before the deadline: the client gets an error reply
     ├── DependencyUnavailable         Milvus or the embedder is down: selection bypassed, request served
-    └── ClientTimeout                 the EchoClient waited past its timeout for a reply
+    ├── ClientTimeout                 the EchoClient waited past its timeout for a reply
+    └── ClientOverloaded              the EchoClient already waits on client.max_outstanding replies
 
 Every error has a stable ``code`` (used in error replies and dead letters) and a message that says
 what happened, the likely cause, and what to do.
@@ -32,6 +33,7 @@ __all__ = [
     "BackendTimeout",
     "BackendUnavailable",
     "BadInput",
+    "ClientOverloaded",
     "ClientTimeout",
     "DecodeError",
     "DependencyUnavailable",
@@ -116,3 +118,7 @@ class DependencyUnavailable(ServiceError):
 
 class ClientTimeout(ServiceError):
     code = "client_timeout"
+
+
+class ClientOverloaded(ServiceError):
+    code = "client_overloaded"

@@ -1,5 +1,6 @@
 """Prometheus metrics for every stage. One ``Metrics`` per app, on its own registry, so tests can
-build many apps in one process. ``serve_metrics`` exposes it on ``worker.metrics_port``.
+build many apps in one process. ``serve_metrics`` exposes it on ``worker.metrics_port`` at
+``/metrics``, and the worker's liveness (infra/liveness.py) at ``/livez``: 200 or 503 with JSON.
 
 Names follow Prometheus conventions (``echolm_`` prefix, ``_seconds``, ``_total``). Labels are
 bounded: stage, backend, tier, outcome/code and reason are small sets; tenants are never labels.
@@ -7,7 +8,15 @@ bounded: stage, backend, tier, outcome/code and reason are small sets; tenants a
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+import threading
+from http.server import ThreadingHTTPServer
+from urllib.parse import urlparse
+
+import orjson
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import MetricsHandler
+
+from .liveness import Liveness
 
 __all__ = ["STAGES", "Metrics", "serve_metrics"]
 
@@ -119,7 +128,33 @@ class Metrics:
                 self._embed_cache_seen[result] = total
 
 
-def serve_metrics(metrics: Metrics, port: int, addr: str = "0.0.0.0") -> None:
-    """Expose ``/metrics`` on a daemon thread (prometheus_client's own server)."""
-    if port:
-        start_http_server(port, addr=addr, registry=metrics.registry)
+class _Handler(MetricsHandler):
+    liveness: Liveness | None = None
+
+    def do_GET(self) -> None:
+        if urlparse(self.path).path != "/livez":
+            super().do_GET()
+            return
+        if self.liveness is None:
+            status, body = 404, b'{"error": "this server has no liveness check"}'
+        else:
+            report = self.liveness.report()
+            status, body = (200 if report.ok else 503), orjson.dumps(report.as_dict())
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def serve_metrics(
+    metrics: Metrics, port: int, addr: str = "0.0.0.0", *, liveness: Liveness | None = None
+) -> ThreadingHTTPServer | None:
+    """Serve ``/metrics`` (and ``/livez`` when ``liveness`` is given) on a daemon thread; None if port 0."""
+    if not port:
+        return None
+    handler = type("Handler", (_Handler,), {"registry": metrics.registry, "liveness": liveness})
+    server = ThreadingHTTPServer((addr, port), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="echolm-metrics", daemon=True).start()
+    return server

@@ -29,6 +29,7 @@ from pydantic_settings import (
 
 __all__ = [
     "BackendSettings",
+    "ClientSettings",
     "EmbeddingSettings",
     "KafkaSettings",
     "LimitsSettings",
@@ -92,6 +93,18 @@ class KafkaSettings(_Section):
     producer_max_batch_size: int = Field(
         1, ge=1, description="Producer batch size in bytes; 1 = one record per batch (Tansu end-offset bug)."
     )
+
+    @model_validator(mode="after")
+    def _sasl_has_credentials(self) -> KafkaSettings:
+        if self.security_protocol.startswith("SASL_") and (
+            not self.sasl_username or self.sasl_password is None or not self.sasl_password.get_secret_value()
+        ):
+            raise ValueError(
+                f"kafka.security_protocol={self.security_protocol} needs kafka.sasl_username and "
+                "kafka.sasl_password (ECHOLM_KAFKA__SASL_USERNAME / ECHOLM_KAFKA__SASL_PASSWORD); "
+                "in docker-compose they come from .env (KAFKA_WORKER_PASSWORD, ...)"
+            )
+        return self
 
 
 class MilvusSettings(_Section):
@@ -279,6 +292,36 @@ class WorkerSettings(_Section):
     role: Literal["all", "serve", "background"] = Field(
         "all", description="serve = prepare+serve; background = admit, learn, replay, maintenance."
     )
+    liveness_tick_s: float = Field(
+        1.0, gt=0, description="How often the event loop stamps its liveness tick."
+    )
+    liveness_max_tick_age_s: float = Field(
+        15.0, gt=0, description="/livez fails when the event loop has not ticked for this long."
+    )
+    liveness_max_poll_age_s: float = Field(
+        60.0, gt=0, description="/livez fails when the Kafka consumer has not fetched for this long."
+    )
+
+
+class ClientSettings(_Section):
+    """``EchoClient``: its reply-topic position and the bounds on what it remembers (docs/reliability.md)."""
+
+    group_id: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9._-]{1,200}$",
+        description="Stable consumer group for the reply topic: a restarted client resumes where it "
+        "stopped (committed offsets). None = read from the end at start. Use with a private reply topic.",
+    )
+    max_outstanding: int = Field(
+        100_000, ge=1, description="Requests waiting for a reply at once; past it send() raises."
+    )
+    reply_grace_s: float = Field(
+        5.0, ge=0, description="A request expires this long after its deadline; later replies are late."
+    )
+    remember_answered: int = Field(
+        100_000, ge=0, description="Answered ids kept to count (and drop) duplicate replies."
+    )
+    remember_expired: int = Field(100_000, ge=0, description="Expired ids kept to count late replies.")
 
 
 class LocalStackSettings(_Section):
@@ -315,6 +358,7 @@ class Settings(BaseSettings):
     replay: ReplaySettings = ReplaySettings()
     limits: LimitsSettings = LimitsSettings()
     worker: WorkerSettings = WorkerSettings()
+    client: ClientSettings = ClientSettings()
     stack: LocalStackSettings = LocalStackSettings()
 
     @field_validator("tgi")

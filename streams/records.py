@@ -198,6 +198,7 @@ class FeedbackRecord(faust.Record, namespace="echolm.Feedback.v1", serializer=OR
     preferred_over: str = ""  # request_id of the reply this one was preferred to, if pairwise
     at: float = 0.0
     version: int = SCHEMA_VERSION
+    rater: str = ""  # who rated; one rating per (request_id, rater) is applied (agents/state.py)
 
 
 class ModelUpdateRecord(faust.Record, namespace="echolm.ModelUpdate.v1", serializer=ORJSON_CODEC):
@@ -212,6 +213,7 @@ class ModelUpdateRecord(faust.Record, namespace="echolm.ModelUpdate.v1", seriali
     worker: str = ""
     at: float = 0.0
     version: int = SCHEMA_VERSION
+    rater: str = ""  # with request_id, the rating's identity: applied once (agents/state.py)
 
 
 class DeadLetterRecord(faust.Record, namespace="echolm.DeadLetter.v1", serializer=ORJSON_CODEC):

@@ -4,6 +4,7 @@ carries it across restarts. ``agents.learn.decision_from_log`` builds what the j
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from streams.records import ExampleRef, LogRecord, ModelUpdateRecord, ReplyRecor
 from tests.fakes.embedder import FakeEmbedder
 
 DIM = 384
+_REQUEST_IDS = itertools.count()
 ROW = [0.5] * len(FEATURE_NAMES)  # one example's utility features
 
 
@@ -45,7 +47,7 @@ def update(
 ) -> ModelUpdateRecord:
     features = [list(ROW) for _ in range(examples)]
     return ModelUpdateRecord(
-        request_id="r1",
+        request_id=f"r{next(_REQUEST_IDS)}",  # each update is a distinct rating (applied once per id)
         tier=tier,
         context=context() if ctx is None else ctx,
         reward=reward,

@@ -1,11 +1,15 @@
-"""docker-compose.yml, infra/prometheus.yml and the Dockerfile agree with the code, without Docker.
+"""docker-compose.yml, deploy/, infra/prometheus.yml and the Dockerfile agree with the code, without Docker.
 
 Part (a) reads the files with PyYAML and a small re-implementation of Compose's ``${VAR:-default}``
 interpolation, and checks them against :class:`infra.settings.Settings` and
 :func:`streams.topology.topic_specs`: every ``ECHOLM_*`` variable is a real settings field, the worker's
 environment loads through ``Settings`` (``ECHOLM_TGI__BACKENDS`` as JSON included), topic-init creates
 exactly the topology's topics with the same partition counts, and every dependency and scrape target
-names a real service.
+names a real service. It also holds the operator's rules: only the gateway and Grafana publish ports,
+long-running services restart, secrets come from .env with no defaults (.env.example lists exactly
+them), Kafka authenticates every client (SASL/SCRAM, one user per service, auto-create off), the
+worker's healthcheck reads its liveness endpoint, and the dashboard and alert rules use only metric
+names that infra/metrics.py exports.
 
 Part (b) runs real Compose implementations, ``config -q`` and then ``config`` (their own interpolation
 and schema), and repeats the settings and topic checks on what they print, so the mini interpolator of
@@ -17,6 +21,7 @@ binary inside the wheel), a ``docker compose`` CLI plugin, and any other ``docke
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -38,6 +43,11 @@ COMPOSE_FILE = ROOT / "docker-compose.yml"
 PROMETHEUS_FILE = ROOT / "infra" / "prometheus.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 DEPLOY_DOC = ROOT / "docs" / "deploy.md"
+ENV_EXAMPLE = ROOT / ".env.example"
+KAFKA_PROPERTIES = ROOT / "deploy" / "kafka" / "server.properties"
+KAFKA_SECURITY_SCRIPT = ROOT / "deploy" / "kafka" / "init-security.sh"
+ALERT_RULES = ROOT / "deploy" / "prometheus" / "alerts.yml"
+DASHBOARDS = ROOT / "deploy" / "grafana" / "dashboards"
 
 ENV_PREFIX = "ECHOLM_"
 # Read by Settings.settings_customise_sources itself, not a field.
@@ -55,16 +65,20 @@ COMPOSE_ONLY_VARIABLES = frozenset(
         "ECHOLM_TGI_IMAGE_TAG",
         "ECHOLM_IMAGE_TAG",
         "ECHOLM_WORKER_REPLICAS",
-        "ECHOLM_COMPOSE_KAFKA_PORT",
-        "ECHOLM_COMPOSE_MILVUS_PORT",
-        "ECHOLM_COMPOSE_SMALL_PORT",
-        "ECHOLM_COMPOSE_LARGE_PORT",
-        "ECHOLM_COMPOSE_PROMETHEUS_PORT",
+        "ECHOLM_COMPOSE_GATEWAY_PORT",
+        "ECHOLM_COMPOSE_GRAFANA_PORT",
+        "ECHOLM_COMPOSE_REPLY_SUFFIXES",
     }
 )
+# `docker compose config` leaves out services of a profile that is not enabled.
+PROFILE_SERVICES = frozenset({"gateway"})
 EXPECTED_SERVICES = frozenset(
-    {"kafka", "topic-init", "etcd", "minio", "milvus", "tgi-small", "tgi-large", "worker", "prometheus"}
-)
+    {"kafka", "topic-init", "etcd", "minio", "milvus", "tgi-small", "tgi-large", "worker", "gateway",
+     "kafka-exporter", "prometheus", "grafana"}
+)  # fmt: skip
+PUBLISHING_SERVICES = frozenset({"gateway", "grafana"})
+ONE_SHOT_SERVICES = frozenset({"topic-init"})
+OPTIONAL_HOST_VARIABLES = frozenset({"HF_TOKEN"})  # may be empty: public models need no token
 WORKER_DEPENDENCIES = {
     "kafka": "service_healthy",
     "topic-init": "service_completed_successfully",
@@ -133,10 +147,27 @@ def service_environment(service: Mapping[str, Any], host_env: Environment) -> di
     return {key: host_env.get(key) if value is None else scalar_text(value) for key, value in items}
 
 
+def example_env() -> dict[str, str]:
+    """.env.example with every empty value filled in (``test-<name>``), as an operator's .env would be."""
+    env: dict[str, str] = {}
+    for line in ENV_EXAMPLE.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            name, _, value = line.partition("=")
+            env[name.strip()] = value.strip() or f"test-{name.strip().lower()}"
+    return env
+
+
 def load_compose(env: Environment | None = None) -> dict[str, Any]:
+    """The compose file resolved against a filled-in .env.example plus ``env``."""
     parsed = yaml.safe_load(COMPOSE_FILE.read_text())
     assert isinstance(parsed, dict)
-    return resolve(parsed, env or {})  # type: ignore[no-any-return]
+    return resolve(parsed, {**example_env(), **(env or {})})  # type: ignore[no-any-return]
+
+
+def properties(path: Path) -> dict[str, str]:
+    """A Java .properties file as a dict (key=value lines; comments and blanks skipped)."""
+    pairs = (line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+    return {key.strip(): value.strip() for key, value in pairs if not key.lstrip().startswith("#")}
 
 
 def raw_compose() -> dict[str, Any]:
@@ -258,7 +289,7 @@ def test_worker_environment_loads_through_settings(
     for server in settings.kafka.bootstrap_servers.split(","):
         host, port = server.split(":")
         assert host in services
-        assert f"INTERNAL://kafka:{port}" in services["kafka"]["environment"]["KAFKA_ADVERTISED_LISTENERS"]
+        assert f"INTERNAL://kafka:{port}" in properties(KAFKA_PROPERTIES)["advertised.listeners"]
     assert settings.milvus.uri.removeprefix("http://").split(":")[0] in services
     # Real Kafka: normal producer batches and ordinary group timings, not the Tansu work-arounds.
     assert settings.kafka.producer_max_batch_size > 1
@@ -267,31 +298,171 @@ def test_worker_environment_loads_through_settings(
     assert settings.worker.metrics_port > 0
 
 
-def test_secrets_pass_through_from_the_host_and_stay_secret(
+def test_secrets_come_from_the_env_file_with_no_defaults_and_stay_secret(
     settings_from_environment: Callable[..., Settings],
 ) -> None:
-    host = {
-        "ECHOLM_KAFKA__SECURITY_PROTOCOL": "SASL_SSL",
-        "ECHOLM_KAFKA__SASL_MECHANISM": "SCRAM-SHA-512",
-        "ECHOLM_KAFKA__SASL_USERNAME": "echolm",
-        "ECHOLM_KAFKA__SASL_PASSWORD": "kafka-password-value",
-        "ECHOLM_MILVUS__TOKEN": "milvus-token-value",
-    }
+    text = COMPOSE_FILE.read_text()
+    host_variables: dict[str, set[str]] = {}
+    for match in interpolations(text):
+        host_variables.setdefault(match["braced"] or match["plain"], set()).add(match["op"] or "")
+    secrets = {name for name in host_variables if not name.startswith(ENV_PREFIX)}
+    for name in sorted(secrets - OPTIONAL_HOST_VARIABLES):
+        assert host_variables[name] == {":?"}, f"${{{name}}} must be written ${{{name}:?...}} (no default)"
+    assert set(example_env()) - OPTIONAL_HOST_VARIABLES == secrets - OPTIONAL_HOST_VARIABLES, (
+        ".env.example must list exactly the secrets docker-compose.yml requires"
+    )
+    assert all(not value for value in _env_example_values().values()), ".env.example holds no values"
+    for default_credential in ("minioadmin", "admin-secret", "changeme"):
+        assert default_credential not in text
+    for name in sorted(secrets - OPTIONAL_HOST_VARIABLES):  # a missing secret stops compose, by name
+        with pytest.raises(ValueError, match=f"{name} is required"):
+            resolve(yaml.safe_load(text), {k: v for k, v in example_env().items() if k != name})
+
+    host = {"KAFKA_WORKER_PASSWORD": "kafka-password-value"}
     worker = load_compose(host)["services"]["worker"]
-    environment = service_environment(worker, host)
-    # Without host values the keys resolve to None (unset in the container), so defaults apply.
-    assert all(service_environment(worker, {})[name] is None for name in host)
-    settings = settings_from_environment(environment)
-    assert settings.kafka.security_protocol == "SASL_SSL"
+    settings = settings_from_environment(service_environment(worker, {}))
+    assert settings.kafka.security_protocol == "SASL_PLAINTEXT"
     assert isinstance(settings.kafka.sasl_password, SecretStr)
     assert settings.kafka.sasl_password.get_secret_value() == "kafka-password-value"
-    assert isinstance(settings.milvus.token, SecretStr)
-    for text in (repr(settings), str(settings), settings.model_dump_json()):
-        assert "kafka-password-value" not in text
-        assert "milvus-token-value" not in text
-    for name in host:
-        assert isinstance(settings_field(name), FieldInfo)
+    for rendered in (repr(settings), str(settings), settings.model_dump_json()):
+        assert "kafka-password-value" not in rendered
     assert "HF_TOKEN" in service_environment(load_compose()["services"]["tgi-small"], {})
+
+
+def interpolations(text: str) -> Iterator[re.Match[str]]:
+    """Every ``${...}``/``$VAR`` in ``text`` outside comment lines, except ``$$`` escapes."""
+    for line in text.splitlines():
+        if not line.lstrip().startswith("#"):
+            yield from (match for match in INTERPOLATION.finditer(line) if not match["escaped"])
+
+
+def _env_example_values() -> dict[str, str]:
+    pairs = (
+        line.partition("=")
+        for line in ENV_EXAMPLE.read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    )
+    return {name.strip(): value.strip() for name, _, value in pairs}
+
+
+def test_only_the_gateway_and_grafana_publish_ports_and_long_running_services_restart() -> None:
+    services = load_compose()["services"]
+    publishing = {name for name, service in services.items() if service.get("ports")}
+    assert publishing == PUBLISHING_SERVICES
+    assert [port.split(":")[-1] for port in services["gateway"]["ports"]] == ["8080"]
+    for name, service in services.items():
+        wanted = "no" if name in ONE_SHOT_SERVICES else "unless-stopped"
+        assert service.get("restart") == wanted, f"{name}: restart should be {wanted!r}"
+        assert service.get("networks") == ["backend"], f"{name} must be on the backend network"
+
+
+def test_kafka_authenticates_every_client_and_never_auto_creates_topics(
+    settings_from_environment: Callable[..., Settings],
+) -> None:
+    broker = properties(KAFKA_PROPERTIES)
+    assert broker["auto.create.topics.enable"] == "false"
+    assert broker["allow.everyone.if.no.acl.found"] == "false"
+    protocols = dict(pair.split(":") for pair in broker["listener.security.protocol.map"].split(","))
+    listeners = {entry.split("://")[0]: entry.split("://")[1] for entry in broker["listeners"].split(",")}
+    assert protocols["INTERNAL"] == "SASL_PLAINTEXT"
+    assert listeners["CONTROLLER"].startswith("localhost:"), "the PLAINTEXT controller stays in the container"
+    assert set(protocols) == set(listeners)
+    script = KAFKA_SECURITY_SCRIPT.read_text()
+    services = load_compose()["services"]
+    for name in ("worker", "gateway"):
+        settings = settings_from_environment(service_environment(services[name], {}))
+        kafka = settings.kafka
+        assert kafka.security_protocol == protocols["INTERNAL"]
+        assert kafka.sasl_mechanism in broker["sasl.enabled.mechanisms"].split(",")
+        assert f"\nuser {kafka.sasl_username} " in f"\n{script}", f"{kafka.sasl_username} is never created"
+        assert f"User:{kafka.sasl_username} " in script, f"{kafka.sasl_username} has no ACL"
+        # the password the service logs in with is the one topic-init gives its SCRAM user
+        assert kafka.sasl_password is not None
+        init_env = services["topic-init"]["environment"]
+        assert kafka.sasl_password.get_secret_value() == init_env[f"SCRAM_{name.upper()}_PASSWORD"]
+    exporter = services["kafka-exporter"]["command"]
+    assert "--sasl.username=exporter" in exporter
+    assert f"--sasl.password={services['topic-init']['environment']['SCRAM_EXPORTER_PASSWORD']}" in exporter
+    assert "\nuser exporter " in f"\n{script}"
+
+
+def test_the_worker_healthcheck_reads_liveness_on_the_metrics_port(
+    settings_from_environment: Callable[..., Settings],
+) -> None:
+    worker = load_compose()["services"]["worker"]
+    settings = settings_from_environment(service_environment(worker, {}))
+    probe = " ".join(worker["healthcheck"]["test"])
+    assert f"127.0.0.1:{settings.worker.metrics_port}/livez" in probe
+
+
+def exported_metric_names() -> set[str]:
+    """Every series name infra/metrics.py can export (counter ``_total``, histogram ``_bucket`` ...)."""
+    from infra.metrics import Metrics
+
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+    return {
+        family.name + suffix for family in Metrics().registry.collect() for suffix in suffixes[family.type]
+    }
+
+
+EXTERNAL_METRICS = frozenset({"tgi_queue_size", "kafka_consumergroup_lag", "up"})
+METRIC_NAME = re.compile(r"\b((?:echolm|tgi|kafka)_[a-z0-9_]+)\b")
+
+
+def _dashboard_expressions() -> list[str]:
+    exprs = []
+    for path in DASHBOARDS.glob("*.json"):
+        for panel in json.loads(path.read_text())["panels"]:
+            exprs.extend(target["expr"] for target in panel["targets"])
+    return exprs
+
+
+def _alert_rules() -> list[dict[str, Any]]:
+    groups = yaml.safe_load(ALERT_RULES.read_text())["groups"]
+    return [rule for group in groups for rule in group["rules"]]
+
+
+def test_the_dashboard_and_alerts_use_only_exported_metric_names() -> None:
+    exported = exported_metric_names() | EXTERNAL_METRICS
+    exprs = _dashboard_expressions() + [str(rule["expr"]) for rule in _alert_rules()]
+    used = {name for expr in exprs for name in METRIC_NAME.findall(expr)}
+    assert used - exported == set(), f"not exported by infra/metrics.py: {sorted(used - exported)}"
+    dashboard = " ".join(_dashboard_expressions())
+    for subject, metric in [
+        ("offload ratio", "echolm_served_total"),
+        ("queue depth per backend", "echolm_backend_queue_depth"),
+        ("stage latencies", "echolm_stage_seconds_bucket"),
+        ("cache size", "echolm_cache_examples"),
+        ("hit rate", "echolm_cache_hits_total"),
+        ("error rate", "echolm_requests_total"),
+        ("consumer lag", "kafka_consumergroup_lag"),
+    ]:
+        assert metric in dashboard, f"the dashboard has no {subject} panel ({metric})"
+    alerts = {rule["alert"]: str(rule["expr"]) for rule in _alert_rules()}
+    assert any("kafka_consumergroup_lag" in expr for expr in alerts.values()), "no consumer lag alert"
+    assert any('echolm_requests_total{outcome!="ok"}' in expr for expr in alerts.values()), "no error alert"
+    assert all(rule.get("for") and rule.get("annotations", {}).get("summary") for rule in _alert_rules())
+
+
+def test_prometheus_loads_the_rules_and_grafana_is_provisioned() -> None:
+    services = load_compose()["services"]
+    config = yaml.safe_load(PROMETHEUS_FILE.read_text())
+    mounts = {volume.split(":")[1]: volume.split(":")[0] for volume in services["prometheus"]["volumes"]}
+    for rule_file in config["rule_files"]:
+        assert (ROOT / mounts[rule_file]).resolve() == ALERT_RULES.resolve()
+    kafka_targets = [t for job in config["scrape_configs"] if job["job_name"] == "kafka"
+                     for group in job["static_configs"] for t in group["targets"]]  # fmt: skip
+    assert kafka_targets == [f"kafka-exporter:{services['kafka-exporter']['expose'][0]}"]
+    grafana_mounts = {volume.split(":")[1]: volume.split(":")[0] for volume in services["grafana"]["volumes"]}
+    provisioning = ROOT / grafana_mounts["/etc/grafana/provisioning"]
+    source = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())["datasources"][0]
+    assert source["url"] == "http://prometheus:9090"
+    assert "9090" in services["prometheus"]["expose"]
+    provider = yaml.safe_load((provisioning / "dashboards" / "echolm.yml").read_text())["providers"][0]
+    assert (ROOT / grafana_mounts[provider["options"]["path"]]).resolve() == DASHBOARDS.resolve()
+    for path in DASHBOARDS.glob("*.json"):
+        for panel in json.loads(path.read_text())["panels"]:
+            assert panel["datasource"]["uid"] == source["uid"]
 
 
 @pytest.mark.parametrize("partitions", [None, "7"])
@@ -411,7 +582,7 @@ def test_dockerfile_is_multistage_nonroot_and_configured_only_through_settings()
     assert ("ENTRYPOINT", '["echolm"]') in instructions
     healthcheck = next(args for instruction, args in instructions if instruction == "HEALTHCHECK")
     assert "ECHOLM_WORKER__METRICS_PORT" in healthcheck
-    assert "/metrics" in healthcheck
+    assert "/livez" in healthcheck  # liveness: loop ticks and consumer fetches, not just a thread
     for instruction, args in instructions:
         if instruction == "ENV":
             for name in re.findall(r"(ECHOLM_[A-Z0-9_]+)=", args):
@@ -487,13 +658,21 @@ def find_compose_tools() -> list[ComposeTool]:
     return tools
 
 
-def run_compose(tool: ComposeTool, args: list[str], host_env: Environment, tmp_path: Path) -> str:
-    """Run Compose hermetically: an empty --env-file and only the given host variables."""
-    empty_env_file = tmp_path / "empty.env"
-    empty_env_file.write_text("")
+def run_compose(
+    tool: ComposeTool, args: list[str], host_env: Environment, tmp_path: Path, *, env_file: str = ""
+) -> subprocess.CompletedProcess[str]:
+    """Run Compose hermetically: ``env_file`` as its --env-file and only the given host variables."""
+    path = tmp_path / "compose.env"
+    path.write_text(env_file)
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(tmp_path), **host_env}
-    argv = [*tool.argv, "--env-file", str(empty_env_file), "-f", str(COMPOSE_FILE), *args]
-    done = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT, timeout=60, check=False)
+    argv = [*tool.argv, "--env-file", str(path), "-f", str(COMPOSE_FILE), *args]
+    return subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT, timeout=60, check=False)
+
+
+def compose_output(tool: ComposeTool, args: list[str], host_env: Environment, tmp_path: Path) -> str:
+    """``run_compose`` with a filled-in .env.example; fails the test unless Compose exits 0."""
+    env_file = "".join(f"{name}={value}\n" for name, value in example_env().items())
+    done = run_compose(tool, args, host_env, tmp_path, env_file=env_file)
     assert done.returncode == 0, f"{tool.label}: {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
     return done.stdout
 
@@ -510,20 +689,24 @@ def test_a_real_compose_implementation_accepts_the_file(
         if os.environ.get("CI") == "true":  # the harness, not application code
             pytest.fail(message)
         pytest.skip(message)
-    host = {
-        "ECHOLM_KAFKA__PARTITIONS": "6",
-        "ECHOLM_LARGE_MODEL": "org/large-model",
-        "ECHOLM_MILVUS__TOKEN": "milvus-token-value",
-    }
+    host = {"ECHOLM_KAFKA__PARTITIONS": "6", "ECHOLM_LARGE_MODEL": "org/large-model"}
     for tool in tools:
-        run_compose(tool, ["config", "-q"], {}, tmp_path)
-        resolved = yaml.safe_load(run_compose(tool, ["config"], host, tmp_path))
-        assert set(resolved["services"]) == EXPECTED_SERVICES, tool.label
+        compose_output(tool, ["config", "-q"], {}, tmp_path)
+        resolved = yaml.safe_load(compose_output(tool, ["config"], host, tmp_path))
+        assert set(resolved["services"]) == EXPECTED_SERVICES - PROFILE_SERVICES, tool.label
+        with_gateway = yaml.safe_load(compose_output(tool, ["--profile", "gateway", "config"], {}, tmp_path))
+        assert set(with_gateway["services"]) == EXPECTED_SERVICES, tool.label
+        published = {name for name, service in with_gateway["services"].items() if service.get("ports")}
+        assert published == PUBLISHING_SERVICES, tool.label
         worker = service_environment(resolved["services"]["worker"], host)
         settings = settings_from_environment(worker)
         assert topic_init_topics(resolved) == topic_specs(settings), tool.label
         assert settings.kafka.partitions == 6
-        assert settings.milvus.token is not None
-        assert settings.milvus.token.get_secret_value() == "milvus-token-value"
+        assert settings.kafka.sasl_password is not None
+        assert settings.kafka.sasl_password.get_secret_value() == example_env()["KAFKA_WORKER_PASSWORD"]
         assert "--model-id=org/large-model" in resolved["services"]["tgi-large"]["command"], tool.label
         assert len(settings.tgi.backends) == 2
+        # Without .env the secrets are missing and Compose refuses, naming the variable and the file.
+        refused = run_compose(tool, ["config", "-q"], {}, tmp_path)
+        assert refused.returncode != 0, tool.label
+        assert "in .env" in refused.stdout + refused.stderr, tool.label
