@@ -37,7 +37,7 @@ from agents.policy.prompt import build_messages
 from agents.policy.retrieval import Selected
 from agents.policy.routing import RouteDecision, choose_backend, context_features, fallback_decision
 from infra.errors import BackendError, BackendTimeout, NoBackendAvailable
-from infra.protocols import Example, Generation, GenerationParams, QueueDepth
+from infra.protocols import Example, Generation, QueueDepth
 from infra.resources import Resources
 from streams.codecs import decode_vector
 from streams.records import ExampleRef, LogRecord, PreparedRecord, ReplyRecord, RouteInfo
@@ -202,7 +202,12 @@ class Server:
             attempts += 1
             # 2. generate
             small = decision.tier != self.large_tier
-            messages = build_messages(s.tgi.system_prompt, selected if small else [], request.prompt)
+            messages = build_messages(
+                s.tgi.system_prompt,
+                selected if small else [],
+                request.prompt,
+                conversation=request.conversation(),
+            )
             generator = self.res.generators[decision.backend]
             remaining = (
                 (request.deadline_at - reply_margin - time.time())
@@ -219,7 +224,7 @@ class Server:
             self._inflight.setdefault(decision.backend, {})[token] = time.monotonic()
             try:
                 generation = await asyncio.wait_for(
-                    generator.generate(messages, GenerationParams(max_new_tokens=request.max_new_tokens)),
+                    generator.generate(messages, request.generation_params()),
                     timeout=timeout,
                 )
             except (TimeoutError, BackendError) as exc:
