@@ -75,7 +75,7 @@ def describe(exc: BaseException, settings: Settings) -> CliFailure | None:
         return exc
     if isinstance(exc, KeyboardInterrupt):
         return CliFailure("interrupted", "interrupted")
-    kafka = _kafka(exc, settings)
+    kafka = _kafka(exc, settings) or (_kafka(exc.__cause__, settings) if exc.__cause__ else None)
     if kafka is not None:
         return kafka
     if isinstance(exc, ClientTimeout):

@@ -57,6 +57,17 @@ def test_expected_failures_are_described(exc: BaseException, kind: str, words: s
     assert 1 <= len(failure.lines().splitlines()) <= 2
 
 
+def test_a_wrapped_broker_failure_is_still_the_broker() -> None:
+    try:
+        try:
+            raise KafkaConnectionError("Unable to bootstrap")
+        except KafkaConnectionError as inner:
+            raise LocalStackError("could not create topics on broker:9") from inner
+    except LocalStackError as exc:
+        failure = describe(exc, SETTINGS)
+    assert failure is not None and failure.kind == "broker"
+
+
 @pytest.mark.parametrize("exc", [ValueError("bug"), KeyError("k"), RuntimeError("something else")])
 def test_unexpected_failures_keep_their_traceback(exc: Exception) -> None:
     assert describe(exc, SETTINGS) is None
