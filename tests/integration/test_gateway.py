@@ -65,8 +65,7 @@ async def gateway_factory(pipeline_factory: PipelineFactory) -> AsyncIterator[Ga
         server = uvicorn.Server(uvicorn.Config(build_gateway(settings, client), log_level="warning"))
         task = asyncio.create_task(server.serve(sockets=[sock]))
         servers.append((server, task))
-        while not server.started:
-            await asyncio.sleep(0.05)
+        # no wait for start-up: the socket already listens, so early connections queue until uvicorn accepts
         return Gateway(url=f"http://127.0.0.1:{sock.getsockname()[1]}/v1", settings=settings)
 
     yield make
