@@ -53,7 +53,7 @@ from agents.policy.prompt import build_chat
 from agents.policy.retrieval import Selected
 from agents.policy.routing import RouteDecision, choose_backend, context_features, fallback_decision
 from infra.errors import BackendError, BackendTimeout, NoBackendAvailable, ServiceError
-from infra.protocols import Generation, GenerationParams, QueueDepth
+from infra.protocols import Generation, QueueDepth
 from infra.resources import Resources
 from streams.codecs import decode_vector
 from streams.records import ExampleRef, LogRecord, PreparedRecord, ReplyRecord, RequestRecord, RouteInfo
@@ -234,8 +234,13 @@ class Server:
         metrics.load_bias.set(decision.bias)
         run.attempt = Attempt(run.attempt.generations + 1, run.attempt.excluded)
         small = decision.tier != self.large_tier
-        messages = build_chat(s.tgi.system_prompt, run.examples if small else [], run.request.prompt)
-        params = GenerationParams(max_new_tokens=run.request.max_new_tokens)
+        messages = build_chat(
+            s.tgi.system_prompt,
+            run.examples if small else [],
+            run.request.prompt,
+            conversation=run.request.conversation(),
+        )
+        params = run.request.generation_params()
         metrics.inflight.inc()
         token = next(self._tokens)
         self._inflight.setdefault(backend, {})[token] = time.monotonic()

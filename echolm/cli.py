@@ -10,27 +10,41 @@ and an optional TOML file (``ECHOLM_CONFIG`` or ./echolm.toml), see README's con
     echolm bank import|export      warm-start the example bank from JSONL, or dump it
     echolm rebuild-cache           rebuild the example bank from the log topic
     echolm config                  print the effective settings (secrets masked)
+    echolm gateway [new-key]       OpenAI-compatible HTTP API (or print a new API key and its hash)
     echolm bench ...               benchmarks (see BENCHMARKS.md)
+
+Exit codes: 0 ok, 1 a request failed, 2 usage or configuration, 3 broker unreachable, 4 Milvus
+unreachable, 5 backend unreachable, 6 port in use, 7 bad input file, 8 missing topic, 9 timeout,
+10 local stack failed, 130 interrupted. Expected failures print one or two lines; -v adds the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import sys
-from collections.abc import Sequence
+import traceback
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import orjson
 
 from infra.settings import Settings, load_settings
 
-__all__ = ["main"]
+from .cli_errors import CliFailure, describe
+
+if TYPE_CHECKING:
+    from .client import EchoClient
+
+__all__ = ["main", "read_jsonl_requests", "run_command"]
 
 log = logging.getLogger("echolm")
+
+_CLIENT_COMMANDS = frozenset({"ask", "send", "feedback", "topics", "gateway", "bank", "rebuild-cache"})
 
 
 # ----------------------------------------------------------------------------------- subcommands
@@ -52,19 +66,24 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     )
 
 
-async def _ask(settings: Settings, args: argparse.Namespace) -> int:
-    from infra.errors import ClientTimeout
-
+@contextlib.asynccontextmanager
+async def _connected(settings: Settings) -> AsyncIterator[EchoClient]:
+    """A started EchoClient, closed even when starting it failed (no "Unclosed AIOKafkaProducer")."""
     from .client import EchoClient
 
-    async with EchoClient(settings) as client:
-        try:
-            reply = await client.ask(
-                args.prompt, tenant=args.tenant, timeout=args.timeout, max_new_tokens=args.max_new_tokens
-            )
-        except ClientTimeout as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+    client = EchoClient(settings)
+    try:
+        await client.start()
+        yield client
+    finally:
+        await client.aclose()
+
+
+async def _ask(settings: Settings, args: argparse.Namespace) -> int:
+    async with _connected(settings) as client:
+        reply = await client.ask(
+            args.prompt, tenant=args.tenant, timeout=args.timeout, max_new_tokens=args.max_new_tokens
+        )
     if args.json:
         print(orjson.dumps(reply, option=orjson.OPT_INDENT_2).decode())
     elif reply.ok:
@@ -83,25 +102,50 @@ def cmd_ask(settings: Settings, args: argparse.Namespace) -> int:
     return asyncio.run(_ask(settings, args))
 
 
+def read_jsonl_requests(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """The good rows of a JSONL request file, and one message per bad line (by line number)."""
+    if not path.is_file():
+        raise CliFailure(
+            "input", f"{path} is not a readable file", 'pass a JSONL file of {"prompt": ...} rows'
+        )
+    rows: list[dict[str, Any]] = []
+    bad: list[str] = []
+    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            bad.append(f"line {number}: not valid JSON ({str(exc).split(':')[0]})")
+            continue
+        if not isinstance(row, dict):
+            bad.append(f"line {number}: not a JSON object")
+        elif not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+            bad.append(f"line {number}: no non-empty string 'prompt'")
+        elif not all(isinstance(row.get(k, ""), str) for k in ("tenant", "request_id")):
+            bad.append(f"line {number}: 'tenant' and 'request_id' must be strings")
+        elif not isinstance(row.get("max_new_tokens", 0), int) or isinstance(row.get("max_new_tokens"), bool):
+            bad.append(f"line {number}: 'max_new_tokens' must be an integer")
+        else:
+            rows.append(row)
+    return rows, bad
+
+
 async def _send(settings: Settings, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .client import EchoClient
-
-    rows = [orjson.loads(line) for line in Path(args.file).read_bytes().splitlines() if line.strip()]
+    rows, bad = read_jsonl_requests(Path(args.file))
+    for message in bad:
+        print(f"{args.file}: {message}; skipped", file=sys.stderr)
     out = sys.stdout.buffer if args.out == "-" else Path(args.out).open("wb")  # noqa: SIM115 - closed below
     failed = 0
     try:
-        async with EchoClient(settings) as client:
+        async with _connected(settings) as client:
             sent: set[str] = set()
             for row in tqdm(rows, desc="send", unit="req", disable=args.quiet, file=sys.stderr):
-                prompt = row.get("prompt")
-                if not isinstance(prompt, str):
-                    print(f"skipping a row without a string 'prompt': {str(row)[:80]}", file=sys.stderr)
-                    continue
                 sent.add(
                     await client.send(
-                        prompt,
+                        row["prompt"],
                         tenant=row.get("tenant", args.tenant),
                         request_id=row.get("request_id"),
                         max_new_tokens=row.get("max_new_tokens"),
@@ -122,6 +166,12 @@ async def _send(settings: Settings, args: argparse.Namespace) -> int:
         if out is not sys.stdout.buffer:
             out.close()
     print(f"{got} replies ({failed} errors), {missing} missing after {args.timeout}s idle", file=sys.stderr)
+    if bad:
+        raise CliFailure(
+            "input",
+            f"{len(bad)} bad line(s) in {args.file} were skipped (listed above)",
+            "fix them and resend those",
+        )
     return 0 if missing == 0 and failed == 0 else 1
 
 
@@ -130,9 +180,7 @@ def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _feedback(settings: Settings, args: argparse.Namespace) -> int:
-    from .client import EchoClient
-
-    async with EchoClient(settings) as client:
+    async with _connected(settings) as client:
         await client.feedback(args.request_id, args.score, tenant=args.tenant)
     return 0
 
@@ -172,6 +220,22 @@ def cmd_config(settings: Settings, args: argparse.Namespace) -> int:
 
     print(orjson.dumps(masked(settings), option=orjson.OPT_INDENT_2).decode())
     return 0
+
+
+def cmd_gateway(settings: Settings, args: argparse.Namespace) -> int:
+    if args.action == "new-key":
+        from infra.auth import hash_key, new_api_key
+
+        key = new_api_key()
+        print(f"key:  {key}\n(give the key to the client; store only the line below)", file=sys.stderr)
+        print(f"{args.tenant} {hash_key(key, scheme=args.scheme)}")
+        return 0
+    from .gateway_server import run
+
+    updates = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    if updates:
+        settings = settings.model_copy(update={"gateway": settings.gateway.model_copy(update=updates)})
+    return run(settings)
 
 
 def _bench_main(argv: Sequence[str]) -> NoReturn:
@@ -254,6 +318,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print the effective settings (secrets masked)")
     p.set_defaults(func=cmd_config)
 
+    p = sub.add_parser("gateway", help="OpenAI-compatible HTTP API (new-key: print an API key and its hash)")
+    p.add_argument("action", nargs="?", choices=["serve", "new-key"], default="serve")
+    p.add_argument("--host", default=None, help="listen address (default: gateway.host)")
+    p.add_argument("--port", type=int, default=None, help="listen port (default: gateway.port)")
+    p.add_argument("--tenant", default="default", help="new-key: the tenant the key acts for")
+    p.add_argument("--scheme", choices=["sha256", "scrypt"], default="sha256", help="new-key: hash scheme")
+    p.set_defaults(func=cmd_gateway)
+
     p = sub.add_parser("bench", help="run benchmarks (echolm bench --help)", add_help=False)
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench)
@@ -272,6 +344,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for noisy in ("httpx", "httpcore", "aiokafka", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not args.verbose and args.command in _CLIENT_COMMANDS:
+        # aiokafka logs every failed connection attempt at ERROR; the failure is reported once below.
+        logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     overrides: dict[str, Any] = {}
     if getattr(args, "role", None):
         overrides["worker"] = {"role": args.role}
@@ -284,7 +359,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - turn any settings error into one readable line
         print(f"error: invalid configuration: {exc}", file=sys.stderr)
         return 2
-    return int(args.func(settings, args))
+    return run_command(args, settings)
+
+
+def run_command(args: argparse.Namespace, settings: Settings) -> int:
+    """Run the chosen command; an expected failure becomes one or two lines and its exit code."""
+    try:
+        return int(args.func(settings, args))
+    except (Exception, KeyboardInterrupt) as exc:
+        failure = describe(exc, settings)
+        if failure is None:
+            raise  # not an expected failure: a bug, keep the traceback
+        if args.verbose:
+            traceback.print_exception(exc)
+        print(failure.lines(), file=sys.stderr)
+        return failure.exit_code
 
 
 if __name__ == "__main__":

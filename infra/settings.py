@@ -28,9 +28,11 @@ from pydantic_settings import (
 )
 
 __all__ = [
+    "ApiKeySettings",
     "BackendSettings",
     "ClientSettings",
     "EmbeddingSettings",
+    "GatewaySettings",
     "KafkaSettings",
     "LimitsSettings",
     "LocalStackSettings",
@@ -340,6 +342,47 @@ class LocalStackSettings(_Section):
     workers: int = Field(1, ge=0, description="Worker processes `echolm up` starts.")
 
 
+class ApiKeySettings(_Section):
+    """One API key of the gateway, stored as a hash (``echolm gateway new-key`` prints one)."""
+
+    tenant: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Tenant this key acts for.")
+    key_hash: str = Field(
+        pattern=r"^(sha256:[0-9a-f]{64}|scrypt:\d+:\d+:\d+:[0-9a-f]{16,128}:[0-9a-f]{64})$",
+        description="sha256:<hex> of the key, or scrypt:<n>:<r>:<p>:<salt hex>:<hex>; never the key itself.",
+    )
+    rate_per_s: float | None = Field(
+        None, gt=0, description="This tenant's request rate; None = the default."
+    )
+    burst: int | None = Field(None, ge=1, description="This tenant's burst; None = the default.")
+
+
+class GatewaySettings(_Section):
+    """``echolm gateway``: the OpenAI-compatible HTTP front door (docs/decisions.md, "Gateway")."""
+
+    host: str = Field("127.0.0.1", description="Address the gateway listens on.")
+    port: int = Field(18000, ge=0, le=65535, description="Port the gateway listens on; 0 picks a free one.")
+    api_keys: list[ApiKeySettings] = Field(
+        default_factory=list, description="Hashed API keys and their tenants (JSON list in the environment)."
+    )
+    keys_file: Path | None = Field(
+        None, description="A secrets file of '<tenant> <key hash>' lines, read at start (adds to api_keys)."
+    )
+    trusted_tenant: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="Trusted single-tenant mode: all requests act for this tenant, no key checked.",
+    )
+    rate_per_s: float = Field(
+        20.0, gt=0, description="Default per-tenant request rate (token bucket refill)."
+    )
+    burst: int = Field(40, ge=1, description="Default per-tenant burst (token bucket size).")
+    max_inflight: int = Field(256, ge=1, description="Requests relayed at once; past it: 429 server_busy.")
+    timeout_s: float = Field(
+        120.0, gt=0, le=3600, description="Longest wait for a reply (the request's deadline); past it: 504."
+    )
+    max_body_bytes: int = Field(1024 * 1024, ge=1024, description="Larger request bodies are rejected (413).")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         hide_input_in_errors=True,  # as in _Section: errors never echo values (secrets among them)
@@ -360,6 +403,7 @@ class Settings(BaseSettings):
     worker: WorkerSettings = WorkerSettings()
     client: ClientSettings = ClientSettings()
     stack: LocalStackSettings = LocalStackSettings()
+    gateway: GatewaySettings = GatewaySettings()
 
     @field_validator("tgi")
     @classmethod

@@ -3,6 +3,7 @@
 * ``TGIGenerator`` implements ``infra.protocols.Generator`` for one backend through
   ``huggingface_hub.AsyncInferenceClient.chat_completion`` (TGI's Messages API: the server applies
   the model's chat template). ``info()`` and ``health()`` use the same connection pool.
+  ``generate_stream`` yields the same generation as ``StreamChunk`` deltas (SSE, for streaming replies).
 * ``TGIQueueProbe`` implements ``infra.protocols.QueueDepthProbe``: it scrapes every backend's
   ``/metrics`` on a timer and keeps the latest ``QueueDepth`` per backend.
 
@@ -27,12 +28,13 @@ import itertools
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
 from typing import Any, cast
 
 import httpx
-from huggingface_hub import AsyncInferenceClient
+from huggingface_hub import AsyncInferenceClient, ChatCompletionInputStreamOptions
 from huggingface_hub.errors import HfHubHTTPError
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -46,7 +48,14 @@ from infra.errors import (
 from infra.protocols import BackendInfo, ChatMessage, Generation, GenerationParams, QueueDepth
 from infra.settings import BackendSettings, TGISettings
 
-__all__ = ["QUEUE_GAUGES", "TGIGenerator", "TGIQueueProbe", "backend_error", "parse_queue_gauges"]
+__all__ = [
+    "QUEUE_GAUGES",
+    "StreamChunk",
+    "TGIGenerator",
+    "TGIQueueProbe",
+    "backend_error",
+    "parse_queue_gauges",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +152,16 @@ def backend_error(
 
 
 # --------------------------------------------------------------------------------- generation
+@dataclass(frozen=True, slots=True)
+class StreamChunk:
+    """One streamed delta; the last chunk has ``finish_reason`` (and the token counts when known)."""
+
+    text: str
+    finish_reason: str = ""
+    generated_tokens: int = 0
+    prompt_tokens: int = 0
+
+
 class _SharedSessionInferenceClient(AsyncInferenceClient):
     """``AsyncInferenceClient`` on our own ``httpx.AsyncClient``.
 
@@ -253,6 +272,42 @@ class TGIGenerator:
             prompt_tokens=usage.prompt_tokens if usage is not None else 0,
             latency_s=self._clock() - started,
             finish_reason=choice.finish_reason or "",
+        )
+
+    async def generate_stream(
+        self, messages: Sequence[ChatMessage], params: GenerationParams
+    ) -> AsyncIterator[StreamChunk]:
+        """The chat completion as generated (SSE), in order. Each read waits at most ``request_timeout_s``;
+        the caller bounds the whole stream. Failures before or during it raise ``BackendError``."""
+        if self._closed:
+            raise RuntimeError(f"TGIGenerator {self.name!r} is closed")
+        finish, usage = "", None
+        try:
+            stream = await self._client.chat_completion(
+                messages=[{"role": m.role, "content": m.content} for m in messages],
+                max_tokens=params.max_new_tokens,
+                temperature=0.0 if params.temperature is None else params.temperature,
+                seed=params.seed,
+                stop=list(params.stop) or None,
+                stream=True,
+                stream_options=ChatCompletionInputStreamOptions(include_usage=True),
+            )
+            async for event in stream:
+                usage = event.usage or usage
+                if not event.choices:  # the usage-only event at the end
+                    continue
+                finish = event.choices[0].finish_reason or finish
+                text = event.choices[0].delta.content or ""
+                if text:
+                    yield StreamChunk(text=text)
+        except (httpx.HTTPError, TimeoutError, json.JSONDecodeError, ValueError, AttributeError) as exc:
+            error = self._error(exc, "POST /v1/chat/completions (stream)")
+            if error is None:
+                raise
+            raise error from exc
+        tokens = (usage.completion_tokens, usage.prompt_tokens) if usage is not None else (0, 0)
+        yield StreamChunk(
+            text="", finish_reason=finish or "stop", generated_tokens=tokens[0], prompt_tokens=tokens[1]
         )
 
     async def info(self) -> BackendInfo:

@@ -9,6 +9,19 @@ Request JSON (v1)::
     {"request_id": "…", "tenant": "acme", "prompt": "…",
      "max_new_tokens": 128, "reply_topic": "echolm.replies", "no_store": false,
      "deadline_s": 60, "version": 1}
+
+Request JSON (v2, chat): ``messages`` instead of ``prompt``, OpenAI's sampling names::
+
+    {"request_id": "…", "tenant": "acme", "version": 2,
+     "messages": [{"role": "system", "content": "…"}, {"role": "user", "content": "…"},
+                  {"role": "assistant", "content": "…"}, {"role": "user", "content": "…"}],
+     "max_tokens": 128, "temperature": 0.7, "top_p": 0.9, "stop": ["\n\n"], "seed": 7,
+     "stream": false, "reply_topic": "…", "no_store": false, "deadline_s": 60}
+
+A v2 record's ``prompt`` is derived: the conversation's retrieval key
+(``agents.policy.conversation.retrieval_key``), which is what prepare embeds and admission stores;
+``messages`` keeps the turns for generation. A v1 record (``prompt``, ``max_new_tokens``) is read as
+a one-turn conversation; a record with no ``version`` is v2 when it has ``messages``, else v1.
 """
 
 from __future__ import annotations
@@ -21,8 +34,9 @@ from typing import Any
 import faust
 import orjson
 
+from agents.policy.conversation import retrieval_key
 from infra.errors import DecodeError, ForbiddenReplyTopic, LimitExceeded, SchemaError, UnknownTenant
-from infra.protocols import Example, Vector
+from infra.protocols import ChatMessage, Example, GenerationParams, Vector
 from infra.settings import LimitsSettings
 
 from .codecs import ORJSON_CODEC
@@ -30,6 +44,8 @@ from .codecs import ORJSON_CODEC
 __all__ = [
     "LOG_VERSION",
     "PREPARED_VERSION",
+    "REQUEST_VERSIONS",
+    "ChatTurnRecord",
     "DeadLetterRecord",
     "ErrorInfo",
     "ExampleRef",
@@ -46,6 +62,11 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
+REQUEST_SCHEMA_VERSION = 2  # RequestRecord: v2 adds messages and sampling fields
+REQUEST_VERSIONS = (1, 2)
+MAX_MESSAGES = 256
+MAX_STOP_SEQUENCES = 4
+MAX_STOP_CHARS = 64
 # Patterns are applied with ``fullmatch``: with ``match``, ``$`` also matches before a final "\n", so
 # "acme\n" passed as a tenant and reached Milvus's filter builder, which refuses control characters.
 _ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -63,6 +84,18 @@ _REQUEST_FIELDS = frozenset(
         "metadata",
     }
 )
+# v2 replaces prompt/max_new_tokens by messages/max_tokens and adds OpenAI's sampling fields.
+_REQUEST_FIELDS_V2 = (_REQUEST_FIELDS - {"prompt", "max_new_tokens"}) | frozenset(
+    {"messages", "max_tokens", "temperature", "top_p", "stop", "seed", "stream"}
+)
+_ROLES = ("system", "user", "assistant")
+
+
+class ChatTurnRecord(faust.Record, namespace="echolm.ChatTurn.v1", serializer=ORJSON_CODEC):
+    """One turn of a v2 request's conversation."""
+
+    role: str  # system | user | assistant
+    content: str
 
 
 class RequestRecord(faust.Record, namespace="echolm.Request.v1", serializer=ORJSON_CODEC, validation=True):
@@ -75,6 +108,39 @@ class RequestRecord(faust.Record, namespace="echolm.Request.v1", serializer=ORJS
     deadline_at: float = 0.0  # unix seconds; 0 = none
     created_at: float = 0.0
     version: int = SCHEMA_VERSION
+    # v2 (chat). ``prompt`` above is then the retrieval key; the turns are here. Empty for v1.
+    messages: list[ChatTurnRecord] = []  # noqa: RUF012 - faust copies defaults per instance
+    temperature: float | None = None  # None = the backend's default (greedy)
+    top_p: float | None = None
+    stop: list[str] = []  # noqa: RUF012
+    seed: int | None = None
+    stream: bool = False
+
+    def conversation(self) -> list[ChatMessage]:
+        """The v2 turns for ``build_messages(conversation=...)``; empty for v1 (the prompt is the turn)."""
+        return self.chat_messages() if self.messages else []
+
+    def generation_params(self) -> GenerationParams:
+        """Sampling for the backend. Temperature 0 means greedy (TGI wants a positive temperature).
+
+        TODO(wave 2): ``top_p`` is carried but GenerationParams has no field for it yet.
+        """
+        temperature = self.temperature if self.temperature else None
+        return GenerationParams(
+            max_new_tokens=self.max_new_tokens, temperature=temperature, seed=self.seed, stop=tuple(self.stop)
+        )
+
+    def chat_messages(self) -> list[ChatMessage]:
+        """The conversation to generate from: the v2 turns, or the v1 prompt as one user turn."""
+        if not self.messages:
+            return [ChatMessage(role="user", content=self.prompt)]
+        return [ChatMessage(role=_role(t.role), content=t.content) for t in self.messages]
+
+
+def _role(role: str) -> Any:
+    if role not in _ROLES:
+        raise SchemaError(f"message role {role!r} is not one of {list(_ROLES)}")
+    return role
 
 
 class ExampleRef(faust.Record, namespace="echolm.ExampleRef.v1", serializer=ORJSON_CODEC):
@@ -303,15 +369,86 @@ def parse_request(
     return validate_request(data, default_reply_topic=default_reply_topic, limits=limits, now=now)
 
 
+def _request_version(data: dict[str, Any]) -> int:
+    version = data.get("version", 2 if "messages" in data else 1)
+    if isinstance(version, bool) or version not in REQUEST_VERSIONS:
+        raise SchemaError(
+            f"unsupported version {version!r}; this worker reads versions {list(REQUEST_VERSIONS)}"
+        )
+    return int(version)
+
+
+def _check_text(name: str, text: str, limits: LimitsSettings) -> None:
+    if len(text) > limits.max_prompt_chars:
+        raise LimitExceeded(
+            f"{name} is {len(text)} characters, over limits.max_prompt_chars={limits.max_prompt_chars}"
+        )
+    if "\x00" in text:
+        raise SchemaError(f"{name} contains NUL characters")
+
+
+def _validate_messages(data: dict[str, Any], limits: LimitsSettings) -> list[ChatTurnRecord]:
+    messages = _field(data, "messages", list)
+    if not 1 <= len(messages) <= MAX_MESSAGES:
+        raise LimitExceeded(f"messages has {len(messages)} turns; send 1..{MAX_MESSAGES}")
+    turns: list[ChatTurnRecord] = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or set(message) - {"role", "content"}:
+            raise SchemaError(f"messages[{i}] must be an object with only 'role' and 'content'")
+        role, content = message.get("role"), message.get("content")
+        if role not in _ROLES:
+            raise SchemaError(f"messages[{i}].role must be one of {list(_ROLES)}, got {str(role)[:20]!r}")
+        if not isinstance(content, str):
+            raise SchemaError(f"messages[{i}].content must be a string")
+        if role == "system" and turns and turns[-1].role != "system":
+            raise SchemaError(f"messages[{i}]: system turns must come before the conversation")
+        turns.append(ChatTurnRecord(role=role, content=content))
+    if turns[-1].role != "user" or not turns[-1].content.strip():
+        raise SchemaError("the last message must be a non-empty user turn (the question to answer)")
+    _check_text("messages (all turns together)", "".join(t.content for t in turns), limits)
+    return turns
+
+
+def _validate_sampling(data: dict[str, Any]) -> dict[str, Any]:
+    temperature = _field(data, "temperature", (int, float), required=False)
+    if temperature is not None and not 0 <= temperature <= 2:
+        raise SchemaError(f"temperature={temperature} outside [0, 2]")
+    top_p = _field(data, "top_p", (int, float), required=False)
+    if top_p is not None and not 0 < top_p <= 1:
+        raise SchemaError(f"top_p={top_p} outside (0, 1]")
+    stop = data.get("stop")
+    stops = [stop] if isinstance(stop, str) else stop
+    if stops is not None and (
+        not isinstance(stops, list)
+        or len(stops) > MAX_STOP_SEQUENCES
+        or not all(isinstance(x, str) and 0 < len(x) <= MAX_STOP_CHARS for x in stops)
+    ):
+        raise SchemaError(
+            f"stop must be a string or a list of up to {MAX_STOP_SEQUENCES} non-empty strings "
+            f"of at most {MAX_STOP_CHARS} characters"
+        )
+    seed = _field(data, "seed", int, required=False)
+    stream = _field(data, "stream", bool, required=False) or False
+    return {
+        "temperature": None if temperature is None else float(temperature),
+        "top_p": None if top_p is None else float(top_p),
+        "stop": list(stops or []),
+        "seed": seed,
+        "stream": stream,
+    }
+
+
 def validate_request(
     data: dict[str, Any], *, default_reply_topic: str, limits: LimitsSettings, now: float | None = None
 ) -> RequestRecord:
-    unknown = set(data) - _REQUEST_FIELDS
+    version = _request_version(data)
+    allowed = _REQUEST_FIELDS if version == 1 else _REQUEST_FIELDS_V2
+    unknown = set(data) - allowed
     if unknown:
-        raise SchemaError(f"unknown fields {sorted(unknown)[:5]}; allowed: {sorted(_REQUEST_FIELDS)}")
-    version = data.get("version", SCHEMA_VERSION)
-    if version != SCHEMA_VERSION or isinstance(version, bool):
-        raise SchemaError(f"unsupported version {version!r}; this worker reads version {SCHEMA_VERSION}")
+        raise SchemaError(
+            f"unknown fields {sorted(unknown)[:5]} for a version {version} request; "
+            f"allowed: {sorted(allowed)}"
+        )
     request_id = _field(data, "request_id", str)
     if not _ID.fullmatch(request_id):
         raise SchemaError("request_id must be 1-128 characters of letters, digits and ._:-")
@@ -320,19 +457,22 @@ def validate_request(
         raise SchemaError(f"tenant must match {limits.tenant_pattern}")
     if limits.tenants is not None and tenant not in limits.tenants:
         raise UnknownTenant(f"unknown tenant {tenant!r}; configured tenants: {sorted(limits.tenants)[:10]}")
-    prompt = _field(data, "prompt", str)
-    if not prompt.strip():
-        raise LimitExceeded("prompt is empty; send a non-empty prompt")
-    if len(prompt) > limits.max_prompt_chars:
-        raise LimitExceeded(
-            f"prompt is {len(prompt)} characters, over limits.max_prompt_chars={limits.max_prompt_chars}"
-        )
-    if "\x00" in prompt:
-        raise SchemaError("prompt contains NUL characters")
-    max_new = _field(data, "max_new_tokens", int, required=False)
+    chat: dict[str, Any] = {}
+    if version == 1:
+        prompt = _field(data, "prompt", str)
+        if not prompt.strip():
+            raise LimitExceeded("prompt is empty; send a non-empty prompt")
+        _check_text("prompt", prompt, limits)
+        max_new = _field(data, "max_new_tokens", int, required=False)
+    else:
+        turns = _validate_messages(data, limits)
+        prompt = retrieval_key([ChatMessage(role=_role(t.role), content=t.content) for t in turns])
+        chat = {"messages": turns, "version": REQUEST_SCHEMA_VERSION, **_validate_sampling(data)}
+        max_new = _field(data, "max_tokens", int, required=False)
     max_new = min(limits.default_new_tokens, limits.max_new_tokens) if max_new is None else max_new
     if not 1 <= max_new <= limits.max_new_tokens:
-        raise LimitExceeded(f"max_new_tokens={max_new} outside 1..{limits.max_new_tokens}")
+        name = "max_new_tokens" if version == 1 else "max_tokens"
+        raise LimitExceeded(f"{name}={max_new} outside 1..{limits.max_new_tokens}")
     reply_topic = _field(data, "reply_topic", str, required=False) or default_reply_topic
     if not reply_topic_allowed(reply_topic, default_reply_topic, limits):
         raise ForbiddenReplyTopic(
@@ -359,4 +499,5 @@ def validate_request(
         no_store=no_store,
         deadline_at=deadline_at,
         created_at=created_at,
+        **chat,
     )

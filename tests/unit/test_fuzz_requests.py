@@ -248,7 +248,9 @@ def test_fuzz_covers_the_space() -> None:
     """A sanity check on the generators: they must produce both accepted and rejected requests."""
     accepted = rejected = 0
 
-    @settings(max_examples=400, deadline=None, database=None, derandomize=True)
+    # 1000 draws: in a full unit run hypothesis's derandomized draws differ from a lone run (15 of 400
+    # accepted once), so the sample is sized for the leaner of the two.
+    @settings(max_examples=1000, deadline=None, database=None, derandomize=True)
     @given(request_objects())
     def tally(obj: dict[str, Any]) -> None:
         nonlocal accepted, rejected
