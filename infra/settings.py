@@ -155,12 +155,9 @@ class BackendSettings(_Section):
 
 def _default_backends() -> list[BackendSettings]:
     return [
-        BackendSettings(
-            name="small-0", url="http://127.0.0.1:18081", tier="small", cost=1.0, quality_prior=0.45
-        ),
-        BackendSettings(
-            name="large-0", url="http://127.0.0.1:18082", tier="large", cost=10.0, quality_prior=0.8
-        ),
+        # no quality_prior: the measured priors file (routing.priors_file) sets these tiers' priors
+        BackendSettings(name="small-0", url="http://127.0.0.1:18081", tier="small", cost=1.0),
+        BackendSettings(name="large-0", url="http://127.0.0.1:18082", tier="large", cost=10.0),
     ]
 
 
@@ -233,6 +230,21 @@ class RoutingSettings(_Section):
     )
     example_boost: float = Field(
         0.02, ge=0, le=1, description="Prior quality gain per extra example beyond the first (small tiers)."
+    )
+    examples_margin: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="A tier is shown the examples when they raise its expected quality by more than this.",
+    )
+    measured_priors: bool = Field(
+        True,
+        description="Start tiers from the measured priors file; False: every tier from its quality_prior.",
+    )
+    priors_file: Path | None = Field(
+        None,
+        description="Measured priors JSON (tools/quality_priors.py); None = agents/policy/priors.json. "
+        "A backend's explicit quality_prior wins for its tier.",
     )
 
 
