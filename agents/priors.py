@@ -1,6 +1,6 @@
 """The router's measured quality priors: read the priors file that ships with the package.
 
-``agents/policy/priors.json`` (written by ``tools/quality_priors.py`` from the measured cells in
+``agents/policy/priors.json`` (written by ``bench/quality_priors.py`` from the measured cells in
 ``bench/results/quality-cells.json``) holds, per model tier, its quality alone and with examples on
 the router's reward scale. ``routing.priors_file`` names another file; ``routing.measured_priors =
 false`` ignores it. The runtime never imports ``bench``: the file is the only link to the measurement.
@@ -67,11 +67,11 @@ def load_priors(routing: RoutingSettings) -> dict[str, MeasuredPrior]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FileNotFoundError(
-            f"routing.priors_file={str(path)!r} does not exist; write it with tools/quality_priors.py, "
+            f"routing.priors_file={str(path)!r} does not exist; write it with bench/quality_priors.py, "
             "point routing.priors_file at another file, or set routing.measured_priors=false"
         ) from None
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not JSON ({exc}); regenerate it with tools/quality_priors.py") from None
+        raise ValueError(f"{path}: not JSON ({exc}); regenerate it with bench/quality_priors.py") from None
     priors = parse_priors(data, source=str(path))
     if not data.get("measured", False):
         log.warning("router priors in %s are not measured (%s)", path, data.get("source", "no source given"))

@@ -243,7 +243,7 @@ class RoutingSettings(_Section):
     )
     priors_file: Path | None = Field(
         None,
-        description="Measured priors JSON (tools/quality_priors.py); None = agents/policy/priors.json. "
+        description="Measured priors JSON (bench/quality_priors.py); None = agents/policy/priors.json. "
         "A backend's explicit quality_prior wins for its tier.",
     )
 
