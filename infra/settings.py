@@ -148,7 +148,12 @@ class BackendSettings(_Section):
         pattern=r"^[A-Za-z0-9._-]+$", description="Model tier this replica serves (e.g. small, large)."
     )
     cost: float = Field(1.0, gt=0, description="Relative cost per request; the large tier is usually ~10x.")
-    quality_prior: float = Field(0.5, ge=0, le=1, description="Prior expected quality of this tier alone.")
+    quality_prior: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Prior expected quality of this tier alone; None = the measured priors file, else 0.5.",
+    )
     token: SecretStr | None = None
     max_concurrency: int = Field(16, ge=1, description="Requests this worker keeps in flight to it.")
 

@@ -359,8 +359,8 @@ def tier_priors(
     by_tier: dict[str, list[float]] = {}
     explicit: set[str] = set()
     for b in backends:
-        by_tier.setdefault(b.tier, []).append(b.quality_prior)
-        if "quality_prior" in b.model_fields_set:
+        by_tier.setdefault(b.tier, []).append(0.5 if b.quality_prior is None else b.quality_prior)
+        if b.quality_prior is not None:  # survives child_env's JSON, unlike model_fields_set
             explicit.add(b.tier)
     priors = {tier: sum(v) / len(v) for tier, v in by_tier.items()}
     example_priors: dict[str, float] = {}

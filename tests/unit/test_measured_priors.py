@@ -12,9 +12,9 @@ import pytest
 from agents.policy.bandit import MeasuredPrior, tier_priors
 from agents.policy.features import FEATURE_NAMES
 from agents.priors import SHIPPED_PRIORS, load_priors, parse_priors
+from bench.quality_priors import priors_from_cells
 from bench.utility_labels import example_labels, train_utility
 from infra.settings import BackendSettings, RoutingSettings
-from bench.quality_priors import priors_from_cells
 
 F = [0.5] * len(FEATURE_NAMES)
 
@@ -102,3 +102,14 @@ def test_the_loader_reads_the_shipped_file_and_refuses_bad_ones(tmp_path: Path) 
     bad.write_text(json.dumps({"schema": "echolm.router-priors.v1", "tiers": {"small": {"alone": 2}}}))
     with pytest.raises(ValueError, match=r"tiers\.small\.alone"):
         load_priors(RoutingSettings(priors_file=bad))
+
+
+def test_measured_priors_survive_the_settings_round_trip_to_worker_processes() -> None:
+    # echolm up hands settings to workers as JSON (child_env): an unset quality_prior must stay unset
+    measured = {"small": MeasuredPrior(0.3, 0.4), "large": MeasuredPrior(0.5, 0.6)}
+    backends = [
+        BackendSettings(name="s", url="http://s", tier="small"),
+        BackendSettings(name="l", url="http://l", tier="large"),
+    ]
+    copied = [BackendSettings.model_validate_json(b.model_dump_json()) for b in backends]
+    assert tier_priors(copied, measured) == ({"small": 0.3, "large": 0.5}, {"small": 0.4, "large": 0.6})
