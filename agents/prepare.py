@@ -87,6 +87,7 @@ def _example_refs(selected: Sequence[Selected]) -> list[ExampleRef]:
             quality=float(s.example.quality),
             replay_rounds=int(s.example.replay_rounds),
             created_at=float(s.example.created_at),
+            tenant=s.example.tenant,
         )
         for s in selected
     ]

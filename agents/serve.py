@@ -51,7 +51,14 @@ from agents.policy.dispatch import (
 )
 from agents.policy.prompt import build_chat
 from agents.policy.retrieval import Selected
-from agents.policy.routing import RouteDecision, choose_backend, context_features, fallback_decision
+from agents.policy.routing import (
+    RouteDecision,
+    choose_backend,
+    context_features,
+    fallback_decision,
+    route_estimates,
+    without_examples,
+)
 from infra.errors import BackendError, BackendTimeout, NoBackendAvailable, ServiceError
 from infra.protocols import Generation, QueueDepth
 from infra.resources import Resources
@@ -134,9 +141,13 @@ class Server:
         depths = probe.snapshot() if probe is not None else {}
         open_circuits = self.state.breaker.open_backends(now_mono)
         try:
+            estimates, examples = route_estimates(
+                self.state.bandit, context, margin=s.routing.examples_margin
+            )
             return choose_backend(
                 pending=self.pending(depths),
-                estimates=self.state.bandit.expected(context),
+                estimates=estimates,
+                examples=examples,
                 backends=self.state.backends,
                 depths=depths,
                 now=now_mono,
@@ -158,6 +169,7 @@ class Server:
                 q0=s.routing.load_q0,
                 exclude=frozenset(exclude),
                 open_circuits=frozenset(open_circuits),
+                examples={b.tier: b.tier != self.large_tier for b in self.state.backends},
             )
 
     async def handle(self, prepared: PreparedRecord) -> None:
@@ -233,12 +245,9 @@ class Server:
         metrics.route.labels(backend, decision.reason[:32]).inc()
         metrics.load_bias.set(decision.bias)
         run.attempt = Attempt(run.attempt.generations + 1, run.attempt.excluded)
-        small = decision.tier != self.large_tier
+        shown = run.examples if decision.with_examples else []  # the router decides, per tier
         messages = build_chat(
-            s.tgi.system_prompt,
-            run.examples if small else [],
-            run.request.prompt,
-            conversation=run.request.conversation(),
+            s.tgi.system_prompt, shown, run.request.prompt, conversation=run.request.conversation()
         )
         params = run.request.generation_params()
         metrics.inflight.inc()
@@ -327,7 +336,7 @@ class Server:
         """3. the reply, then 4. the log record, each awaited to the broker."""
         metrics, request = self.res.metrics, prepared.request
         t_emit = time.perf_counter()
-        used = run.examples if decision.tier != self.large_tier else []
+        used = run.examples if decision.with_examples else []
         reply = ReplyRecord(
             request_id=request.request_id,
             tenant=request.tenant,
@@ -353,13 +362,15 @@ class Server:
             ask_feedback=decision.ask_feedback,
             attempts=run.attempt.generations,
             bias=decision.bias,
-            context=[float(x) for x in run.context],
+            # the context the served arm saw: learning credits (tier, with or without examples)
+            context=[float(x) for x in (run.context if used else without_examples(run.context))],
             generate_ms=[_ms(x) for x in run.generate_s],
+            with_examples=bool(used),
         )
         record = LogRecord(
             request=request,
             embedding=prepared.embedding,
-            examples=run.examples,
+            examples=used,
             route=route_info,
             reply=reply,
             generated_tokens=generation.generated_tokens,

@@ -30,6 +30,7 @@ import orjson
 
 from agents.policy.routing import BackendView, CircuitBreaker, LinUCBBandit
 from agents.policy.utility import ThresholdTuner, UtilityModel
+from agents.priors import load_priors
 from infra.settings import Settings
 
 __all__ = ["DecisionState", "RecentDecision", "ReplayQueue"]
@@ -101,7 +102,10 @@ class DecisionState:
     def create(cls, settings: Settings) -> DecisionState:
         backends = tuple(BackendView.from_settings(b) for b in settings.tgi.backends)
         bandit = LinUCBBandit.from_settings(
-            settings.tgi.backends, settings.routing, large_tier=settings.tgi.large_tier
+            settings.tgi.backends,
+            settings.routing,
+            large_tier=settings.tgi.large_tier,
+            measured=load_priors(settings.routing),
         )
         state = cls(
             settings=settings,

@@ -44,6 +44,7 @@ from infra.settings import BackendSettings, Settings
 from infra.topics import create_topics
 
 from .milvus_embedded import MilvusServer, serve
+from .models import ModelChoice, choose_models
 from .process import (
     ChildProcess,
     LocalStackError,
@@ -218,6 +219,7 @@ class LocalStack:
                 )
             for i, backend in enumerate(backend_list):
                 self._backend_specs.append((backend, free_port() if ephemeral else stack.backend_ports[i]))
+        self.models = choose_models(settings) if backends and backend_engine == "llama" else ModelChoice()
         self._backend_engine = backend_engine
         self._backend_args = tuple(backend_args)
         self.backends: dict[str, DevServerProcess] = {}
@@ -307,8 +309,13 @@ class LocalStack:
             waits.append(self.milvus_server.start())
         else:
             self._progress(f"using Milvus Lite at {self.milvus_uri} (one process only)")
+        if self.models.note:
+            self._progress(self.models.note)
         for backend, port in self._backend_specs:
-            self._progress(f"starting dev TGI backend {backend.name} ({backend.tier}) on port {port}")
+            model = self.models.labels.get(backend.name, self._backend_engine)
+            self._progress(
+                f"starting dev TGI backend {backend.name} ({backend.tier}: {model}) on port {port}"
+            )
             server = self._make_backend(backend, port)
             self.backends[backend.name] = server
             server.start(wait=False)
@@ -328,7 +335,7 @@ class LocalStack:
         return DevServerProcess(
             port=port,
             engine=self._backend_engine,
-            gguf=stack.gguf_path,
+            gguf=self.models.ggufs.get(backend.name, stack.gguf_path),
             model_id=f"{backend.tier}:{backend.name}",
             ctx=stack.dev_ctx_tokens,
             threads=stack.dev_threads,

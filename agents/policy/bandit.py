@@ -26,7 +26,10 @@ __all__ = [
     "PROJECTION_SEED",
     "ArmEstimate",
     "LinUCBBandit",
+    "MeasuredPrior",
     "context_features",
+    "tier_priors",
+    "without_examples",
 ]
 
 FloatArray = npt.NDArray[np.float64]
@@ -50,6 +53,7 @@ CONTEXT_NAMES: tuple[str, ...] = _SUMMARY_NAMES + tuple(f"query_{i}" for i in ra
 CONTEXT_DIM = len(CONTEXT_NAMES)
 _EXAMPLES_INDEX = CONTEXT_NAMES.index("examples")
 _MAX_UTILITY_INDEX = CONTEXT_NAMES.index("max_utility")
+_EXAMPLE_SLOTS = slice(_EXAMPLES_INDEX, CONTEXT_NAMES.index("mean_quality") + 1)  # what examples set
 
 
 @lru_cache(maxsize=8)
@@ -89,7 +93,25 @@ def context_features(
     return x
 
 
+def without_examples(x: FloatArray) -> FloatArray:
+    """The context of the same request served without its examples: the example summary (count,
+    similarities, utilities, quality) zeroed, the bias, prompt length and query projection kept."""
+    out = np.array(x, dtype=np.float64, copy=True).reshape(-1)
+    if out.shape == (CONTEXT_DIM,):
+        out[_EXAMPLE_SLOTS] = 0.0
+    return out
+
+
 # ------------------------------------------------------------------------------------------ bandit
+@dataclass(frozen=True, slots=True)
+class MeasuredPrior:
+    """One tier's measured quality on the router's reward scale: ``alone`` (no examples) and
+    ``with_examples`` (shown the examples its selection picked), e.g. from ``agents/policy/priors.json``."""
+
+    alone: float
+    with_examples: float
+
+
 @dataclass(frozen=True, slots=True)
 class ArmEstimate:
     """Expected quality of one tier for one context (clipped to [0, 1]) and its confidence width."""
@@ -122,10 +144,12 @@ class LinUCBBandit:
     ``width_i(x) = sqrt(x^T A_i^-1 x)``. With no feedback ``mean = prior`` and ``width`` is widest;
     ``ridge`` is how many pseudo-observations the prior is worth.
 
-    ``prior_i(x) = quality_prior_i + example_boost * (examples in x)`` for tiers other than
-    ``large_tier`` (examples help the small model; the large one is assumed not to need them), and
-    ``quality_prior_i`` for the large tier; clipped to [0, 1]. The example count is read back from
-    the context, so ``update`` needs only the context that ``expected`` saw.
+    ``prior_i(x)`` is ``priors[i]`` (the tier alone) for a context without examples; with examples
+    it moves toward the tier's quality with examples (``example_priors[i]``, measured; unmeasured
+    tiers: the large tier's prior for other tiers, no change for the large tier) by the best
+    example's utility (see ``prior``); clipped to [0, 1]. The example count is read back from the
+    context, so ``update`` needs only the context that ``expected`` saw, and the same tier is
+    estimated with and without its examples by passing ``without_examples(x)``.
     """
 
     def __init__(
@@ -137,6 +161,7 @@ class LinUCBBandit:
         large_tier: str = "large",
         example_boost: float = 0.1,
         thompson_scale: float = 0.3,
+        example_priors: Mapping[str, float] | None = None,
     ) -> None:
         if not priors:
             raise ValueError("a bandit needs at least one arm (tier); got no priors")
@@ -148,15 +173,27 @@ class LinUCBBandit:
         self.example_boost = example_boost
         self.thompson_scale = thompson_scale
         self.priors = {tier: float(p) for tier, p in priors.items()}
+        self.example_priors = {t: float(p) for t, p in (example_priors or {}).items() if t in self.priors}
         self._arms = {tier: self._fresh_arm() for tier in self.priors}
 
     @classmethod
     def from_settings(
-        cls, backends: Sequence[BackendSettings], routing: RoutingSettings, *, large_tier: str, **kwargs: Any
+        cls,
+        backends: Sequence[BackendSettings],
+        routing: RoutingSettings,
+        *,
+        large_tier: str,
+        measured: Mapping[str, MeasuredPrior] | None = None,
+        **kwargs: Any,
     ) -> LinUCBBandit:
-        """One arm per configured tier; its prior is the mean ``quality_prior`` of the tier's backends."""
+        """One arm per configured tier, its priors from ``tier_priors(backends, measured)``."""
+        priors, example_priors = tier_priors(backends, measured or {})
         return cls(
-            _tier_priors(backends), large_tier=large_tier, example_boost=routing.example_boost, **kwargs
+            priors,
+            large_tier=large_tier,
+            example_boost=routing.example_boost,
+            example_priors=example_priors,
+            **kwargs,
         )
 
     def _fresh_arm(self) -> _Arm:
@@ -181,21 +218,32 @@ class LinUCBBandit:
             raise ValueError(f"context must be {self.dim} finite numbers, got shape {v.shape}")
         return v
 
+    def _example_target(self, tier: str) -> float:
+        """What ``tier`` is expected to reach with fully useful examples."""
+        if tier in self.example_priors:
+            return self.example_priors[tier]
+        base = self.priors[tier]
+        if tier == self.large_tier:
+            return base  # unmeasured: the large tier is assumed not to need examples
+        return max(base, self.priors.get(self.large_tier, base))
+
     def prior(self, tier: str, x: FloatArray) -> float:
         """A tier's expected quality before any feedback.
 
-        For a non-large tier with examples, the prior closes the gap to the large tier's prior in
+        With examples in ``x``, the prior moves from the tier alone toward ``_example_target`` in
         proportion to the best example's utility (the paper's observation: a small model shown a
-        near-duplicate request's large-model answer answers about as well as the large model), plus
-        ``example_boost`` for each further example. Feedback then corrects it per context.
+        near-duplicate request's large-model answer answers about as well as the large model; a
+        measured ``example_priors`` entry replaces that assumption, and may be lower than the tier
+        alone when examples were measured to hurt), plus ``example_boost`` for each further example
+        when examples help the tier. Feedback then corrects it per context.
         """
         base = self.priors[tier]
-        if tier != self.large_tier and self.dim == CONTEXT_DIM:
+        if self.dim == CONTEXT_DIM:
             n = round(float(x[_EXAMPLES_INDEX]) * EXAMPLES_SCALE)
-            if n > 0:
-                target = self.priors.get(self.large_tier, base)
+            gain = self._example_target(tier) - base
+            if n > 0 and (gain != 0.0 or tier != self.large_tier):
                 utility = min(max(float(x[_MAX_UTILITY_INDEX]), 0.0), 1.0)
-                base += max(0.0, target - base) * utility + self.example_boost * (n - 1)
+                base += gain * utility + (self.example_boost * (n - 1) if gain >= 0.0 else 0.0)
         return min(max(base, 0.0), 1.0)
 
     def _raw(self, tier: str, v: FloatArray) -> tuple[float, float]:
@@ -255,6 +303,7 @@ class LinUCBBandit:
             "thompson_scale": self.thompson_scale,
             "projection_seed": PROJECTION_SEED,
             "priors": dict(self.priors),
+            "example_priors": dict(self.example_priors),
             "arms": {
                 t: {"a": arm.a.tolist(), "b": arm.b.tolist(), "n": arm.n} for t, arm in self._arms.items()
             },
@@ -267,10 +316,11 @@ class LinUCBBandit:
         *,
         priors: Mapping[str, float] | None = None,
         example_boost: float | None = None,
+        example_priors: Mapping[str, float] | None = None,
     ) -> LinUCBBandit:
         """Restore a checkpoint. With ``priors`` (the current configuration) the arms follow it: tiers
         new to the configuration start fresh, tiers no longer configured are dropped, and the priors
-        (and ``example_boost`` if given) are the new ones."""
+        (and ``example_boost`` and ``example_priors`` if given) are the new ones."""
         if data.get("kind") != "linucb" or data.get("projection_seed") != PROJECTION_SEED:
             raise ValueError(
                 f"bandit state is kind={data.get('kind')!r} projection_seed={data.get('projection_seed')!r}; "
@@ -283,6 +333,7 @@ class LinUCBBandit:
             large_tier=str(data["large_tier"]),
             example_boost=float(data["example_boost"] if example_boost is None else example_boost),
             thompson_scale=float(data.get("thompson_scale", 0.3)),
+            example_priors=example_priors if example_priors is not None else data.get("example_priors", {}),
         )
         for tier, state in data["arms"].items():
             if tier in bandit._arms:
@@ -296,8 +347,25 @@ class LinUCBBandit:
         return bandit
 
 
-def _tier_priors(backends: Sequence[BackendSettings]) -> dict[str, float]:
+def tier_priors(
+    backends: Sequence[BackendSettings], measured: Mapping[str, MeasuredPrior]
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Per configured tier: its prior alone, and (measured tiers only) its prior with examples.
+
+    A tier takes its ``measured`` values unless one of its backends sets ``quality_prior``
+    explicitly (settings win over the shipped file); otherwise its prior is the mean
+    ``quality_prior`` of its backends and it gets no ``example_priors`` entry.
+    """
     by_tier: dict[str, list[float]] = {}
+    explicit: set[str] = set()
     for b in backends:
-        by_tier.setdefault(b.tier, []).append(b.quality_prior)
-    return {tier: sum(v) / len(v) for tier, v in by_tier.items()}
+        by_tier.setdefault(b.tier, []).append(0.5 if b.quality_prior is None else b.quality_prior)
+        if b.quality_prior is not None:  # survives child_env's JSON, unlike model_fields_set
+            explicit.add(b.tier)
+    priors = {tier: sum(v) / len(v) for tier, v in by_tier.items()}
+    example_priors: dict[str, float] = {}
+    for tier in priors:
+        if tier in measured and tier not in explicit:
+            priors[tier] = measured[tier].alone
+            example_priors[tier] = measured[tier].with_examples
+    return priors, example_priors

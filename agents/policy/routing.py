@@ -3,10 +3,15 @@
 The decision for one request, in order:
 
 1. ``context_features``: a 16-dim context from the query embedding and its selected examples;
-2. ``LinUCBBandit.expected``: per tier, the expected reply quality (a prior plus a per-tier ridge
-   regression on feedback) and a confidence width;
+2. ``route_estimates``: per tier, ``LinUCBBandit.expected`` twice, for the request with its examples
+   and without them (``without_examples``): the expected reply quality (a prior plus a per-tier
+   ridge regression on feedback) and a confidence width of each; a tier is shown the examples when
+   that raises its expected quality by more than ``RoutingSettings.examples_margin`` (so a tenant's
+   bank reaches the large tier too when it is measured or learned to help), and the better of the
+   two is the tier's estimate;
 3. ``choose_backend``: per backend, ``score = mean + exploration * width - load_penalty(its depth)``;
-   replicas of one tier compete by normalised queue depth, tiers by score;
+   replicas of one tier compete by normalised queue depth, tiers by score; ``with_examples`` says
+   whether the chosen tier is shown the examples;
 4. after the reply, ``CircuitBreaker.record_success/record_failure`` and, when feedback arrives,
    ``LinUCBBandit.update``.
 
@@ -24,11 +29,24 @@ from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass
 from typing import Literal
 
-from agents.policy.bandit import CONTEXT_DIM, CONTEXT_NAMES, ArmEstimate, LinUCBBandit, context_features
+import numpy as np
+import numpy.typing as npt
+
+from agents.policy.bandit import (
+    CONTEXT_DIM,
+    CONTEXT_NAMES,
+    ArmEstimate,
+    LinUCBBandit,
+    context_features,
+    without_examples,
+)
 from agents.policy.circuit import CircuitBreaker, CircuitState
 from infra.errors import NoBackendAvailable
 from infra.protocols import QueueDepth
 from infra.settings import BackendSettings, RoutingSettings
+
+FloatArray = npt.NDArray[np.float64]
+_EXAMPLES = CONTEXT_NAMES.index("examples")
 
 # Re-exported: the bandit lives in bandit.py and the breakers in circuit.py to keep modules small.
 __all__ = [
@@ -48,6 +66,8 @@ __all__ = [
     "fallback_backend",
     "fallback_decision",
     "load_penalty",
+    "route_estimates",
+    "without_examples",
 ]
 
 
@@ -110,6 +130,24 @@ def effective_depth(
     return max(sample.total, 0.0), "fresh"
 
 
+def route_estimates(
+    bandit: LinUCBBandit, x: FloatArray, *, margin: float = 0.0
+) -> tuple[dict[str, ArmEstimate], dict[str, bool]]:
+    """Per tier: the estimate ``choose_backend`` scores it by, and whether it is shown the examples.
+
+    ``x`` is the request's context with its selected examples. Each tier is estimated with them and
+    without them; it gets the examples when their expected quality beats the tier alone by more
+    than ``margin`` (means, not optimistic scores: a wider interval alone never buys examples).
+    A context without examples gives every tier ``False``.
+    """
+    alone = bandit.expected(without_examples(x))
+    if not float(x[_EXAMPLES]) > 0.0:  # none were selected
+        return alone, dict.fromkeys(alone, False)
+    shown = bandit.expected(x)
+    use = {t: shown[t].mean > alone[t].mean + margin for t in alone}
+    return {t: shown[t] if use[t] else alone[t] for t in alone}, use
+
+
 @dataclass(frozen=True, slots=True)
 class RouteDecision:
     """One routing decision; the mappings cover the backends (tiers for ``expected_quality``) scored.
@@ -130,6 +168,7 @@ class RouteDecision:
     ask_feedback: bool
     bias: float
     pressure: float = 0.0
+    with_examples: bool = False  # whether the chosen tier is shown the request's selected examples
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,8 +230,12 @@ def choose_backend(
     exclude: Set[str] = frozenset(),
     open_circuits: Set[str] = frozenset(),
     pending: Mapping[str, float] | None = None,
+    examples: Mapping[str, bool] | None = None,
 ) -> RouteDecision:
     """Pick the backend for one request. Raises ``NoBackendAvailable`` when every backend is excluded.
+
+    ``estimates`` and ``examples`` (per tier: show the examples?) come from ``route_estimates``;
+    the decision's ``with_examples`` is the chosen tier's entry (False when ``examples`` is None).
 
     1. Candidates: backends not in ``exclude``, not in ``open_circuits``, whose tier has an estimate;
        their depth from ``effective_depth``. Unhealthy ones are dropped unless only they are left.
@@ -281,6 +324,7 @@ def choose_backend(
         ask_feedback=ask_feedback,
         bias=bias,
         pressure=penalties[representative[blind_tier].view.name],
+        with_examples=bool((examples or {}).get(chosen_tier, False)),
     )
 
 
@@ -323,9 +367,11 @@ def fallback_decision(
     exclude: Set[str] = frozenset(),
     open_circuits: Set[str] = frozenset(),
     why: str = "router failed",
+    examples: Mapping[str, bool] | None = None,
 ) -> RouteDecision:
     """``fallback_backend`` as a ``RouteDecision`` for the log (no scores, no feedback asked), so the
-    bypass path records where it sent the request. Raises ``NoBackendAvailable`` if nothing is left."""
+    bypass path records where it sent the request; ``examples`` (per tier) sets ``with_examples``.
+    Raises ``NoBackendAvailable`` if nothing is left."""
     view = fallback_backend(
         backends,
         depths,
@@ -349,4 +395,5 @@ def fallback_decision(
         + ("" if state == "fresh" else f"; {state}: {view.name}"),
         ask_feedback=False,
         bias=0.0,
+        with_examples=bool((examples or {}).get(view.tier, False)),
     )

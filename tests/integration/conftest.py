@@ -30,7 +30,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="session")
 async def local_stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LocalStack]:
     data_dir = tmp_path_factory.mktemp("stack")
-    base = load_settings(stack={"data_dir": str(data_dir)})
+    base = load_settings(stack={"data_dir": str(data_dir), "models": "smollm2"})  # fast, on every tier
     stack = LocalStack(base, milvus="server", ephemeral=True, data_dir=data_dir)
     try:
         await stack.start()

@@ -126,6 +126,7 @@ async def test_echolm_up_demo_serves_paraphrases_from_the_cache(tmp_path: Path) 
         "ECHOLM_WORKER__METRICS_PORT": str(free_port()),
         "ECHOLM_WORKER__WEB_PORT": "0",
         "ECHOLM_WORKER__DATA_DIR": str(tmp_path / "worker"),
+        "ECHOLM_STACK__MODELS": "smollm2",  # the fast model on both tiers (the Qwen pair: bench/)
     }
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "echolm.cli", "up", "--demo", "--exit-after-demo",

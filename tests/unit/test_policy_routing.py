@@ -24,6 +24,8 @@ from agents.policy.routing import (
     fallback_backend,
     fallback_decision,
     load_penalty,
+    route_estimates,
+    without_examples,
 )
 from infra.errors import NoBackendAvailable
 from infra.protocols import Example, QueueDepth
@@ -177,6 +179,69 @@ def test_thompson_second_arm_is_seeded_and_respects_exclude() -> None:
     assert draws == again
     assert set(draws) == {"small", "medium"}  # both explored, large never
     assert bandit.thompson_tier(x, rng=np.random.default_rng(0), exclude=set(bandit.tiers)) is None
+
+
+# -------------------------------------------------------------------------- examples, per tier
+# (small alone, large alone, measured with-examples priors, examples selected, margin) -> shown?
+# The best example's utility is 0.8 (``context``), so a tier moves 80% of the way to its target.
+@pytest.mark.parametrize(
+    ("priors", "with_examples", "examples", "margin", "shown"),
+    [
+        ((0.45, 0.8), {}, 2, 0.0, {"small": True, "large": False}),  # unmeasured: the old rule
+        ((0.45, 0.8), {}, 0, 0.0, {"small": False, "large": False}),  # nothing selected
+        ((0.45, 0.8), {"large": 0.9}, 1, 0.0, {"small": True, "large": True}),  # bank reaches large
+        ((0.45, 0.8), {"small": 0.4, "large": 0.9}, 1, 0.0, {"small": False, "large": True}),  # hurt
+        ((0.45, 0.8), {"large": 0.85}, 1, 0.05, {"small": True, "large": False}),  # gain 0.04 < margin
+        ((0.45, 0.8), {"large": 0.75}, 3, 0.0, {"small": True, "large": False}),  # measured to hurt
+    ],
+)
+def test_route_estimates_decide_examples_per_tier(
+    priors: tuple[float, float],
+    with_examples: dict[str, float],
+    examples: int,
+    margin: float,
+    shown: dict[str, bool],
+) -> None:
+    bandit = LinUCBBandit(
+        {"small": priors[0], "large": priors[1]}, example_boost=0.0, example_priors=with_examples
+    )
+    x = context(examples)
+    est, use = route_estimates(bandit, x, margin=margin)
+    assert use == shown
+    for tier, used in use.items():  # each tier is scored by the arm it will be served with
+        assert est[tier] == bandit.expected(x if used else without_examples(x))[tier]
+
+
+def test_without_examples_zeroes_only_the_example_summary() -> None:
+    x = context(3)
+    bare = without_examples(x)
+    f = dict(zip(CONTEXT_NAMES, bare, strict=True))
+    assert all(f[n] == 0.0 for n in CONTEXT_NAMES[1:7])
+    assert np.array_equal(bare[[0, *range(7, CONTEXT_DIM)]], x[[0, *range(7, CONTEXT_DIM)]])
+    assert np.array_equal(without_examples(context(0)), context(0)) and x[1] > 0  # input untouched
+
+
+@pytest.mark.parametrize(
+    ("large_depth", "tier", "with_examples"), [(0.0, "large", True), (60.0, "small", False)]
+)
+def test_the_decision_carries_the_chosen_tiers_examples_choice(
+    large_depth: float, tier: str, with_examples: bool
+) -> None:
+    decision = route(
+        estimates(0.5, 0.9),
+        {"small-0": depth("small-0", 0), "large-0": depth("large-0", large_depth)},
+        examples={"small": False, "large": True},
+    )
+    assert (decision.tier, decision.with_examples) == (tier, with_examples)
+    assert route(estimates(0.5, 0.9), {}).with_examples is False  # no map: never examples
+
+
+def test_a_measured_gain_below_the_tier_alone_adds_no_boost_and_round_trips() -> None:
+    bandit = LinUCBBandit({"small": 0.5, "large": 0.8}, example_boost=0.1, example_priors={"small": 0.3})
+    assert bandit.expected(context(3))["small"].mean == pytest.approx(0.5 - 0.2 * 0.8)
+    restored = LinUCBBandit.from_dict(json.loads(json.dumps(bandit.to_dict())))
+    assert restored.example_priors == {"small": 0.3}
+    assert restored.expected(context(3)) == bandit.expected(context(3))
 
 
 # ------------------------------------------------------------------------------------------- load
