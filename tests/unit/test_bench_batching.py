@@ -152,7 +152,7 @@ def test_step_table_interpolates(batch: int, expected_ms: float) -> None:
 def test_step_table_single_point_is_constant_and_validates() -> None:
     assert StepTable((4,), (7.0,)).decode_ms(1) == 7.0 == StepTable((4,), (7.0,)).decode_ms(100)
     for bad in (((16, 1), (1.0, 2.0)), ((1, 2), (1.0,)), ((1,), (0.0,)), ((0,), (1.0,))):
-        with pytest.raises(ValueError, match="must|need"):
+        with pytest.raises(ValueError, match=r"must|need"):
             StepTable(*bad)
     with pytest.raises(ValueError, match="at least one"):
         NOTES_05B.decode_ms(0)
