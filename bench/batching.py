@@ -56,6 +56,7 @@ __all__ = [
     "ServiceModel",
     "StepRecord",
     "StepTable",
+    "fit_line",
     "kv_token_budget",
     "simulate",
     "take_batch",
@@ -212,6 +213,10 @@ class BatchScheduler:
             self.waiting_tokens = 1
         return jobs
 
+    def longest(self) -> int:
+        """Tokens in the longest running sequence once this step's token is in (0 when idle)."""
+        return max((r.job.prompt_tokens + r.generated for r in self.running.values()), default=0)
+
     def prefilled(self, jobs: Iterable[Job]) -> list[Job]:
         return self._advance([self.running[j.request_id] for j in jobs])
 
@@ -230,6 +235,16 @@ class BatchScheduler:
 
 
 # ------------------------------------------------------------------------------------------ step time
+def fit_line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
+    """Least squares ``y = a + b x``; returns (a, b)."""
+    n = len(xs)
+    if n < 2 or len(ys) != n:
+        raise ValueError(f"need at least two (x, y) points, got {n} x and {len(ys)} y")
+    mx, my = sum(xs) / n, sum(ys) / n
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
+    return my - b * mx, b
+
+
 @dataclass(frozen=True, slots=True)
 class StepTable:
     """Decode ms per step at measured batch sizes; piecewise-linear between them, the last segment's
@@ -267,6 +282,11 @@ class ServiceModel:
     prefill_ms_per_token: float
     prefill_fixed_ms: float = 0.0
     source: str = ""
+    # Optional context term: a step whose longest sequence holds ``c`` tokens costs
+    # ``(context_ms[0] + context_ms[1] x batch) x (c - context_ref)`` ms more than the table, whose
+    # points were measured at context ``context_ref``. (0, 0): the table alone.
+    context_ref: int = 0
+    context_ms: tuple[float, float] = (0.0, 0.0)
 
     def __post_init__(self) -> None:
         if self.prefill_ms_per_token < 0 or self.prefill_fixed_ms < 0:
@@ -275,8 +295,12 @@ class ServiceModel:
     def prefill_ms(self, tokens: int) -> float:
         return self.prefill_fixed_ms + self.prefill_ms_per_token * tokens
 
-    def decode_ms(self, batch_size: int) -> float:
-        return self.decode.decode_ms(batch_size)
+    def decode_ms(self, batch_size: int, longest: int | None = None) -> float:
+        base = self.decode.decode_ms(batch_size)
+        if longest is None or self.context_ms == (0.0, 0.0):
+            return base
+        a, b = self.context_ms
+        return max(base + (a + b * batch_size) * (longest - self.context_ref), 0.0)
 
     def scaled(self, factor: float) -> ServiceModel:
         """Every time x ``factor`` (the fleet slows its emulated GPUs down so the host keeps up)."""
@@ -287,6 +311,8 @@ class ServiceModel:
             prefill_ms_per_token=self.prefill_ms_per_token * factor,
             prefill_fixed_ms=self.prefill_fixed_ms * factor,
             source=f"{self.source} x {factor:g}",
+            context_ref=self.context_ref,
+            context_ms=(self.context_ms[0] * factor, self.context_ms[1] * factor),
         )
 
 
@@ -372,7 +398,7 @@ def simulate(
         if sched.batch_size:
             if steps is not None:
                 steps.append(StepRecord("decode", now, sched.batch_size, sched.batch_size))
-            now += service.decode_ms(sched.batch_size) / 1000.0
+            now += service.decode_ms(sched.batch_size, sched.longest()) / 1000.0
             for job in sched.decoded():
                 done[job.request_id] = now
         elif not new and sched.waiting:

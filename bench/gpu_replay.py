@@ -49,10 +49,11 @@ from bench.batching import (
     Outcome,
     ServiceModel,
     StepTable,
+    fit_line,
 )
 from bench.replay_trace import compare, jobs_at_load
 
-__all__ = ["BUCKETS", "SHAPES", "QwenShape", "fit_line", "main", "nominal_capacity"]
+__all__ = ["BUCKETS", "SHAPES", "QwenShape", "main", "nominal_capacity"]
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128)
 CONTEXT_STEP = 256
@@ -84,14 +85,6 @@ SHAPES = {
     "qwen2.5-1.5b": QwenShape("qwen2.5-1.5b", 1536, 28, 12, 2, 8960),
 }
 TINY = QwenShape("tiny", 128, 2, 4, 2, 256, vocab=512)
-
-
-def fit_line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
-    """Least squares ``y = a + b x``; returns (a, b)."""
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
-    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
-    return my - b * mx, b
 
 
 def nominal_capacity(model: ServiceModel, jobs: Sequence[Job], batch: int = 128, pack: int = 4) -> float:
@@ -366,16 +359,25 @@ def _median_ms(run: Callable[[], Any], *, warmup: int, repeats: int) -> float:
 
 def measure(engine: Engine, *, context: int = 400, repeats: int = 30) -> dict[str, Any]:
     """This engine's decode step per batch bucket (context ``context``) and packed prefill cost."""
-    decode = {
-        b: _median_ms(lambda b=b: engine.decode_step([0] * b, [context] * b), warmup=5, repeats=repeats)
-        for b in BUCKETS
-    }
+
+    def step(b: int, position: int) -> Callable[[], Any]:
+        return lambda: engine.decode_step([0] * b, [position] * b)
+
+    def pack(lengths: list[int]) -> Callable[[], Any]:
+        return lambda: engine.prefill(0, lengths)
+
+    decode = {b: _median_ms(step(b, context), warmup=5, repeats=repeats) for b in BUCKETS}
     prefill = {}
     for total in (32, 64, 128, 256, 512, 1024, 2048, 4096):
-        lengths = [min(total, 512)] * max(1, total // 512)
-        prefill[total] = _median_ms(lambda ls=lengths: engine.prefill(0, ls), warmup=2, repeats=7)
+        prefill[total] = _median_ms(pack([min(total, 512)] * max(1, total // 512)), warmup=2, repeats=7)
     fixed, per_token = fit_line(list(prefill), list(prefill.values()))
+    by_context = {
+        f"{b}x{c}": _median_ms(step(b, c), warmup=3, repeats=repeats)
+        for b in (1, 16, 64, 128)
+        for c in range(CONTEXT_STEP - 1, engine.max_len, 2 * CONTEXT_STEP)
+    }
     return {
+        "decode_ms_by_batch_x_context": by_context,
         "decode_context": context,
         "decode_ms": decode,
         "prefill_ms": prefill,
@@ -389,13 +391,16 @@ def _outcome_rows(outcomes: Sequence[Outcome]) -> list[list[Any]]:
 
 def _step_summary(steps: Sequence[dict[str, Any]]) -> dict[str, Any]:
     by_size: dict[int, list[float]] = {}
+    ctx: dict[int, list[int]] = {}
     for s in steps:
         if s["kind"] == "decode":
             by_size.setdefault(int(s["size"]), []).append(float(s["ms"]))
+            ctx.setdefault(int(s["size"]), []).append(int(s["ctx"]))
     prefills = [[s["size"], s["tokens"], round(s["ms"], 3)] for s in steps if s["kind"] == "prefill"]
     return {
         "decode_steps": sum(len(v) for v in by_size.values()),
         "decode_ms_by_size": {b: [len(v), statistics.median(v)] for b, v in sorted(by_size.items())},
+        "decode_max_context_by_size": {b: statistics.median(v) for b, v in sorted(ctx.items())},
         "prefills": prefills,
     }
 
@@ -410,6 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--models", default="qwen2.5-0.5b,qwen2.5-1.5b")
     parser.add_argument("--loads", default="0.2,0.4,0.6,0.8,1.0", help="fractions of the nominal capacity")
+    parser.add_argument("--capacity", type=float, default=0.0, help="pin the nominal capacity (req/s)")
     parser.add_argument("-n", type=int, default=0, help="first n requests of the trace (0: all)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a toy model, for a smoke test on a CPU")
@@ -470,7 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     gpu_bytes=gpu_bytes, weight_bytes=shape.params * 2, kv_bytes_per_token=kv_bytes
                 )
             )
-            capacity = nominal_capacity(measured, unit)
+            capacity = args.capacity or nominal_capacity(measured, unit)
             entry: dict[str, Any] = {
                 "shape": asdict(shape) | {"params": shape.params, "kv_bytes_per_token": kv_bytes},
                 "calibration": cal,
@@ -481,14 +487,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             result["models"][name] = entry
             # Warm-up (not recorded): 32 requests at once, through prefill, every bucket up to 32, release.
             replay(engine, jobs_at_load({"requests": trace["requests"][:32]}, 1e6), limits)
-            for fraction in (float(x) for x in args.loads.split(",")):
+            for fraction in (float(x) for x in args.loads.split(",") if x):
                 if time.perf_counter() - began > args.budget_s:
                     log(f"  budget spent: load {fraction} not run")
                     continue
                 jobs = jobs_at_load(trace, fraction * capacity)
                 t = time.perf_counter()
                 outcomes, steps = replay(engine, jobs, limits)
-                row = {
+                row: dict[str, Any] = {
                     "fraction": fraction,
                     "rate_rps": fraction * capacity,
                     "wall_s": time.perf_counter() - t,

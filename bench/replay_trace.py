@@ -26,9 +26,27 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from bench.batching import BatchLimits, Job, Outcome, ServiceModel, simulate
+from bench.batching import (
+    QWEN25_H200_NOTES,
+    BatchLimits,
+    Job,
+    Outcome,
+    ServiceModel,
+    StepTable,
+    fit_line,
+    simulate,
+)
 
-__all__ = ["SYSTEM_TOKENS", "TEMPLATE_TOKENS", "build_trace", "compare", "jobs_at_load", "quantiles"]
+__all__ = [
+    "SYSTEM_TOKENS",
+    "TEMPLATE_TOKENS",
+    "build_trace",
+    "compare",
+    "context_fit",
+    "jobs_at_load",
+    "merge_runs",
+    "quantiles",
+]
 
 SYSTEM_TOKENS = 60  # system prompt + the examples note, chat-template tokens included
 TEMPLATE_TOKENS = 5  # per chat turn: <|im_start|>role\n ... <|im_end|>\n
@@ -144,6 +162,74 @@ def compare(
     }
 
 
+def context_fit(grid: Mapping[str, float]) -> tuple[float, float]:
+    """(a, b) of the context term, ms per step per token of the longest sequence = a + b x batch, from
+    the engine's ``decode_ms_by_batch_x_context`` grid ("BxP": B sequences at position P, so the
+    longest holds P + 1 tokens)."""
+    by_batch: dict[int, list[tuple[int, float]]] = {}
+    for key, ms in grid.items():
+        b, p = (int(x) for x in key.split("x"))
+        by_batch.setdefault(b, []).append((p + 1, float(ms)))
+    slopes = {b: fit_line([c for c, _ in pts], [m for _, m in pts])[1] for b, pts in by_batch.items()}
+    return fit_line(list(slopes), list(slopes.values()))
+
+
+def _models(name: str, cal: Mapping[str, Any], grid: Mapping[str, float]) -> dict[str, ServiceModel]:
+    batch = tuple(int(b) for b in cal["decode_ms"])
+    fit = cal["prefill_fit"]
+    per_token, fixed = max(float(fit["ms_per_token"]), 0.0), max(float(fit["fixed_ms"]), 0.0)
+    table = StepTable(batch, tuple(float(v) for v in cal["decode_ms"].values()))
+    ref = int(cal.get("decode_context", 400)) + 1
+    notes = QWEN25_H200_NOTES[name]
+    return {
+        "notes_table": ServiceModel(
+            name, notes.decode, per_token, fixed, "notes table + this engine's prefill"
+        ),
+        "engine_table": ServiceModel(name, table, per_token, fixed, "this engine's table (context 400)"),
+        "engine_table_context": ServiceModel(
+            name, table, per_token, fixed, "this engine's table + context term", ref, context_fit(grid)
+        ),
+    }
+
+
+def merge_runs(trace: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One result from several GPU runs: every load's outcomes beside ``simulate`` under three models
+    (the notes' table, this engine's table, and that table with the context term), each with the
+    calibration of the run that replayed it; the context grid is the last run's that has one."""
+    grids = {
+        n: m["calibration"]["decode_ms_by_batch_x_context"]
+        for r in runs
+        for n, m in r["models"].items()
+        if "decode_ms_by_batch_x_context" in m["calibration"]
+    }
+    out: dict[str, Any] = {
+        "runs": [{k: r[k] for k in ("command", "device", "torch", "wall_s") if k in r} for r in runs],
+        "trace": runs[0]["trace"],
+        "models": {},
+    }
+    for index, run in enumerate(runs):
+        for name, m in run["models"].items():
+            entry = out["models"].setdefault(
+                name, {"shape": m["shape"], "limits": m["limits"], "calibrations": [], "loads": []}
+            )
+            entry["calibrations"].append(
+                {"run": index, **m["calibration"], "nominal_capacity_rps": m["nominal_capacity_rps"]}
+            )
+            models = _models(name, m["calibration"], grids[name])
+            entry["context_ms"] = models["engine_table_context"].context_ms
+            limits = BatchLimits(**m["limits"])
+            for load in m["loads"]:
+                jobs = jobs_at_load(trace, float(load["rate_rps"]))
+                gpu = [Outcome(str(i), float(a), f, d) for i, a, f, d in load["outcomes"]]
+                row = {k: load[k] for k in ("fraction", "rate_rps", "wall_s", "outcomes", "steps")}
+                row["run"] = index
+                row["compare"] = {key: compare(gpu, jobs, model, limits) for key, model in models.items()}
+                entry["loads"].append(row)
+        for entry in out["models"].values():
+            entry["loads"].sort(key=lambda r: r["fraction"])
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -151,13 +237,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS / "gpu-replay-trace.json")
     parser.add_argument("-n", type=int, default=800)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--merge", type=Path, nargs="*", help="GPU run JSONs to merge and compare (into --out)"
+    )
+    parser.add_argument("--trace", type=Path, default=RESULTS / "gpu-replay-trace.json")
     args = parser.parse_args(argv)
+    if args.merge:
+        merged = merge_runs(
+            json.loads(args.trace.read_text()), [json.loads(p.read_text()) for p in args.merge]
+        )
+        args.out.write_text(json.dumps(merged, default=float))
+        for name, entry in merged["models"].items():
+            for row in entry["loads"]:
+                cells = []
+                for key, c in row["compare"].items():
+                    d = c["relative_difference"]
+                    cells.append(
+                        f"{key} ttft {d['ttft_s']['p50']:+.2f}/{d['ttft_s']['p90']:+.2f} "
+                        f"e2e {d['e2e_s']['p50']:+.2f}/{d['e2e_s']['p90']:+.2f}/{d['e2e_s']['p99']:+.2f}"
+                    )
+                print(f"{name} {row['fraction']:.1f}: " + " | ".join(cells))
+        return 0
     trace = build_trace(args.n, seed=args.seed)
     args.out.write_text(json.dumps(trace, indent=0))
     prompts = [r["prompt_tokens"] for r in trace["requests"]]
     new = [r["max_new_tokens"] for r in trace["requests"]]
     print(
-        f"{trace['n']} requests -> {args.out}; prompt tokens {quantiles(prompts)}; new tokens {quantiles(new)}"
+        f"{trace['n']} requests -> {args.out}; prompt tokens {quantiles(prompts)}; "
+        f"new tokens {quantiles(new)}"
     )
     return 0
 

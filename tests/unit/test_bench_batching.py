@@ -227,3 +227,25 @@ def test_simulated_latency_grows_with_load() -> None:
 def test_a_job_that_can_never_fit_is_an_error() -> None:
     with pytest.raises(ValueError, match="never fit"):
         simulate([Job("huge", 0.0, 5000, 10)], FLAT)
+
+
+@pytest.mark.parametrize(
+    ("batch", "longest", "expected_ms"),
+    [
+        (16, None, 2.20),  # no context given: the table
+        (16, 512, 2.20),  # at the reference context: the table
+        (16, 1024, 2.20 + (0.001 + 0.0001 * 16) * 512),  # longer: intercept + per-sequence slope
+        (1, 256, 1.91 - (0.001 + 0.0001) * 256),  # shorter: cheaper
+    ],
+)
+def test_context_term(batch: int, longest: int | None, expected_ms: float) -> None:
+    model = ServiceModel("m", NOTES_05B, 0.0, context_ref=512, context_ms=(0.001, 0.0001))
+    assert model.decode_ms(batch, longest) == pytest.approx(expected_ms)
+    assert model.scaled(2.0).decode_ms(batch, longest) == pytest.approx(2 * expected_ms)
+
+
+def test_simulation_charges_the_longest_running_context() -> None:
+    """Prompt 100, 3 tokens, 1 ms per context token per step: the decode steps see 101 and 102 tokens."""
+    model = ServiceModel("m", StepTable((1,), (10.0,)), 0.0, context_ref=100, context_ms=(0.001, 0.0))
+    (out,) = simulate([Job("a", 0.0, 100, 3)], model)
+    assert out.e2e_s == pytest.approx((10.0 + 0.001) / 1000 + (10.0 + 0.002) / 1000)
