@@ -48,6 +48,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 __all__ = [
+    "QWEN25_H200_MEASURED",
     "QWEN25_H200_NOTES",
     "BatchLimits",
     "BatchScheduler",
@@ -195,7 +196,7 @@ class BatchScheduler:
             min_size = None
         else:
             min_size = math.floor(n * lim.waiting_served_ratio)
-        reserved = sum(r.job.total_tokens for r in self.running.values())
+        reserved = self.reserved_tokens
         max_size = None if lim.max_batch_size is None else max(lim.max_batch_size - n, 0)
         if max_size == 0:
             return []
@@ -212,6 +213,22 @@ class BatchScheduler:
         if jobs:
             self.waiting_tokens = 1
         return jobs
+
+    def drop(self, request_id: str) -> bool:
+        """Forget a request (its client went away), waiting or running; False if it is not here."""
+        if request_id in self.running:
+            del self.running[request_id]
+            return True
+        for job in self.waiting:
+            if job.request_id == request_id:
+                self.waiting.remove(job)
+                return True
+        return False
+
+    @property
+    def reserved_tokens(self) -> int:
+        """Prompt plus new tokens of the running batch (TGI's ``tgi_batch_current_max_tokens``)."""
+        return sum(r.job.total_tokens for r in self.running.values())
 
     def longest(self) -> int:
         """Tokens in the longest running sequence once this step's token is in (0 when idle)."""
@@ -325,6 +342,40 @@ QWEN25_H200_NOTES: dict[str, ServiceModel] = {
     ),
     "qwen2.5-1.5b": ServiceModel(
         "qwen2.5-1.5b", StepTable((1, 16, 64), (3.23, 3.46, 5.20)), 0.0, source="notes: gpu-qwen-h200.md"
+    ),
+}
+
+
+# This repo's own GPU measurement (docs/gpu-replay.md, bench/results/gpu-replay-h200.json): the replay
+# engine's decode table at context 400 (mean of two calls), its packed-prefill fit (mean of the two
+# calls' fits: the fixed part is host-bound and moved 2-3x between them) and the context term fitted
+# from its batch x context grid. Checked against that engine's per-request latencies: end-to-end
+# within 15% at loads 0.2-1.0 of its capacity; time to first token not (docs/gpu-replay.md).
+_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128)
+QWEN25_H200_MEASURED: dict[str, ServiceModel] = {
+    "qwen2.5-0.5b": ServiceModel(
+        "qwen2.5-0.5b",
+        StepTable(
+            _BUCKETS,
+            (2.298, 2.408, 2.523, 2.566, 2.646, 2.726, 2.732, 2.799, 2.845, 3.067, 3.049, 3.117, 3.147),
+        ),
+        prefill_ms_per_token=0.027,
+        prefill_fixed_ms=9.34,
+        source="measured: gpu-replay-h200.json (H200, random-weight Qwen2.5-0.5B shape)",
+        context_ref=401,
+        context_ms=(3.1643e-4, 2.32e-6),
+    ),
+    "qwen2.5-1.5b": ServiceModel(
+        "qwen2.5-1.5b",
+        StepTable(
+            _BUCKETS,
+            (3.405, 3.595, 3.727, 3.728, 3.797, 3.864, 3.893, 3.959, 3.994, 4.417, 4.447, 4.508, 4.62),
+        ),
+        prefill_ms_per_token=0.0374,
+        prefill_fixed_ms=9.79,
+        source="measured: gpu-replay-h200.json (H200, random-weight Qwen2.5-1.5B shape)",
+        context_ref=401,
+        context_ms=(4.995e-4, 4.21e-6),
     ),
 }
 

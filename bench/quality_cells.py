@@ -36,7 +36,10 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from bench.calibrate import QualityModel
 
 __all__ = [
     "CELLS_PATH",
@@ -141,6 +144,21 @@ class QualityCells:
         if name not in self.cells and condition == "large_examples":
             name = "large"  # not measured: the large model alone stands in
         return self.cells[name]
+
+    def as_quality_model(self) -> QualityModel:
+        """The cells' point estimates as the fleet's per-request ``QualityModel`` (routing priors and
+        each record's ``quality``); every interval comes from ``score``, not from this."""
+        from bench.calibrate import QualityModel
+
+        def win(condition: str) -> float:
+            cell = self.cell(condition)
+            return 0.0 if cell is None else min(max(cell.win_rate, 0.0), 1.0)
+
+        names = ("small_alone", "small_match", "small_related", "cache_match", "cache_other")
+        return QualityModel(
+            **{n: win(n) for n in names},
+            sources={n: f"{self.source}: cell {CELL_OF[n]}" for n in names},
+        )
 
     def with_small_match(self, win_rate: float, label: str) -> QualityCells:
         """The sensitivity row: the small-with-examples cell replaced by an exact ``win_rate``."""

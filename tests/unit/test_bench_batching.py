@@ -249,3 +249,23 @@ def test_simulation_charges_the_longest_running_context() -> None:
     model = ServiceModel("m", StepTable((1,), (10.0,)), 0.0, context_ref=100, context_ms=(0.001, 0.0))
     (out,) = simulate([Job("a", 0.0, 100, 3)], model)
     assert out.e2e_s == pytest.approx((10.0 + 0.001) / 1000 + (10.0 + 0.002) / 1000)
+
+
+def test_drop_forgets_waiting_and_running_requests() -> None:
+    sched = BatchScheduler(BatchLimits(max_concurrent_requests=2))
+    a, b = _jobs((10, 5), (10, 5))
+    sched.offer(a)
+    sched.plan()
+    sched.offer(b)
+    assert sched.reserved_tokens == 15
+    assert sched.drop("r1") and sched.drop("r0") and not sched.drop("r0")
+    assert sched.in_system == 0 and sched.reserved_tokens == 0
+    assert sched.offer(Job("c", 0.0, 1, 1))  # the slots are free again
+
+
+def test_measured_presets_keep_the_pair_ceiling_under_two() -> None:
+    from bench.batching import QWEN25_H200_MEASURED
+
+    small, large = QWEN25_H200_MEASURED["qwen2.5-0.5b"], QWEN25_H200_MEASURED["qwen2.5-1.5b"]
+    ratio = large.decode_ms(128, 600) / small.decode_ms(128, 600)
+    assert 1.2 < ratio < 2.0  # the measured pair: offloading everything buys well under 2x

@@ -93,3 +93,10 @@ def test_sensitivity_row_and_placeholder_are_labelled() -> None:
 def test_load_names_the_missing_file(tmp_path: Any) -> None:
     with pytest.raises(FileNotFoundError, match="placeholder"):
         QualityCells.load(tmp_path / "quality-cells.json")
+
+
+def test_as_quality_model_takes_the_point_estimates() -> None:
+    model = QualityCells.from_json(DATA, source="measured: test").as_quality_model()
+    assert model.quality("small_match") == model.quality("small_related") == 0.46
+    assert model.quality("cache_other") == 0.20 and model.quality("large") == 0.5
+    assert "measured: test" in model.sources["small_alone"]
