@@ -5,8 +5,8 @@
     python -m bench.soak --workers 2 --burst-x 6
 
 What runs: a Tansu broker, the embedded Milvus server and two dev TGI servers on the *emulated*
-engine (``infra.tgi_emulator``: default service-time model, continuous batching up to 16), all from
-``infra.localstack.LocalStack``, plus ``--workers`` real ``echolm worker`` subprocesses (MiniLM, every
+engine (``devstack.tgi_emulator``: default service-time model, continuous batching up to 16), all from
+``devstack.localstack.LocalStack``, plus ``--workers`` real ``echolm worker`` subprocesses (MiniLM, every
 agent). This process is the client (``EchoClient``, open loop: requests go out on schedule whether or
 not replies came back) and the observer. Every ``--sample-s`` it records:
 
@@ -29,8 +29,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
-import platform
 import shlex
 import statistics
 import sys
@@ -42,7 +40,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SoakConfig", "main", "run_soak"]
+from bench.hostfacts import host_facts, loadavg, metadata
+from bench.stats import percentile
+
+__all__ = ["SoakConfig", "SoakTally", "main", "run_soak", "soak_outcome"]
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUP_TOPICS = ("requests", "prepared", "log")
@@ -80,34 +81,16 @@ class SoakConfig:
 
 
 @dataclass
-class _Tally:
+class SoakTally:
+    """What the client sent and got back, and what the sampler saw; ``soak_outcome`` reads it."""
+
     sent: dict[str, float] = field(default_factory=dict)  # request id -> phase start-relative send time
     phase_of: dict[str, str] = field(default_factory=dict)
     latencies: dict[str, list[float]] = field(default_factory=dict)
     answered: int = 0
     errors: dict[str, int] = field(default_factory=dict)
-
-
-def machine() -> dict[str, Any]:
-    model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    mem_gib = 0.0
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem_gib = round(int(line.split()[1]) / 1024 / 1024, 1)
-    return {
-        "cpus": os.cpu_count(),
-        "cpu_model": model,
-        "mem_gib": mem_gib,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "load_avg_at_start": [round(x, 2) for x in os.getloadavg()],
-    }
+    samples: list[dict[str, Any]] = field(default_factory=list)  # one per --sample-s
+    phases: dict[str, tuple[float, float]] = field(default_factory=dict)  # phase -> (start, end) s
 
 
 def rss_mb(pid: int) -> float | None:
@@ -138,29 +121,9 @@ async def group_lag(settings: Any, admin: Any, consumer: Any) -> dict[str, int]:
     return lag
 
 
-def _percentile(values: Sequence[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 4)
-
-
-async def run_soak(
-    config: SoakConfig,
-    *,
-    data_dir: Path,
-    command: str,
-    overrides: dict[str, dict[str, Any]] | None = None,
-) -> dict[str, Any]:
-    from aiokafka import AIOKafkaConsumer
-    from aiokafka.admin import AIOKafkaAdminClient
-
-    from echolm.client import EchoClient
-    from infra.kafka import kafka_client_kwargs, kafka_consumer_kwargs
-    from infra.localstack import LocalStack
+def _soak_settings(data_dir: Path, overrides: dict[str, dict[str, Any]] | None) -> Any:
+    """Settings for one soak: fresh topic prefix, collection and group, so runs never share state."""
     from infra.settings import load_settings
-    from infra.workers import WorkerProcess
-    from streams.topology import topic_specs
 
     tag = uuid.uuid4().hex[:6]
     sections: dict[str, dict[str, Any]] = {
@@ -176,9 +139,14 @@ async def run_soak(
     }
     for section, values in (overrides or {}).items():
         sections[section] = {**sections.get(section, {}), **values}
-    settings = load_settings(**sections)
-    began = time.monotonic()
-    stack = LocalStack(
+    return load_settings(**sections)
+
+
+def _local_stack(settings: Any, data_dir: Path) -> Any:
+    from devstack.localstack import LocalStack
+    from streams.topology import topic_specs
+
+    return LocalStack(
         settings,
         milvus="server",
         backend_engine="emulated",
@@ -188,155 +156,244 @@ async def run_soak(
         ephemeral=True,
         progress=_say,
     )
-    samples: list[dict[str, Any]] = []
-    tally = _Tally()
-    workers: list[WorkerProcess] = []
-    phases: dict[str, tuple[float, float]] = {}
-    drained_after_s: float | None = None
-    await stack.start()
-    try:
-        settings = stack.apply(settings)
-        for i in range(config.workers):
-            worker = WorkerProcess(settings, log_path=data_dir / f"worker-{i}.log", name=f"worker-{i}")
-            worker.start()
-            workers.append(worker)
-        await asyncio.gather(*(w.wait_ready(timeout_s=180) for w in workers))
-        _say(f"{config.workers} worker(s) ready after {time.monotonic() - began:.0f} s")
-        admin = AIOKafkaAdminClient(**kafka_client_kwargs(settings))
-        await admin.start()
-        lag_consumer = AIOKafkaConsumer(**kafka_consumer_kwargs(settings), group_id=None)
-        await lag_consumer.start()
-        async with EchoClient(settings) as client:
-            t0 = time.monotonic()
 
-            async def read_replies() -> None:
-                async for reply in client.replies():
-                    tally.answered += 1
-                    phase = tally.phase_of.get(reply.request_id, "?")
-                    if reply.ok:
-                        tally.latencies.setdefault(phase, []).append(reply.latency_s)
-                    else:
-                        tally.errors[reply.error_code] = tally.errors.get(reply.error_code, 0) + 1
 
-            async def send(phase: str, rate: float, seconds: float) -> None:
-                start = time.monotonic()
-                phases[phase] = (round(start - t0, 2), round(start - t0 + seconds, 2))
-                n = int(rate * seconds)
-                for i in range(n):
-                    due = start + i / rate
-                    await asyncio.sleep(max(0.0, due - time.monotonic()))
-                    k = len(tally.sent)
-                    tenant = f"tenant{k % config.tenants}"
-                    prompt = f"{QUESTIONS[k % len(QUESTIONS)]} (order {k // len(QUESTIONS)})"
-                    rid = await client.send(prompt, tenant=tenant, max_new_tokens=config.max_new_tokens)
-                    tally.sent[rid] = time.monotonic() - t0
-                    tally.phase_of[rid] = phase
+async def _start_workers(config: SoakConfig, settings: Any, data_dir: Path, workers: list[Any]) -> None:
+    """Start ``config.workers`` worker processes into ``workers`` (so the caller stops every one started)."""
+    from devstack.workers import WorkerProcess
 
-            async def sample() -> None:
-                while True:
-                    lag = await group_lag(settings, admin, lag_consumer)
-                    samples.append(
-                        {
-                            "t": round(time.monotonic() - t0, 2),
-                            "lag": lag,
-                            "rss_mb": {w.name: rss_mb(w.pid) for w in workers if w.pid},
-                            "sent": len(tally.sent),
-                            "answered": tally.answered,
-                            "errors": sum(tally.errors.values()),
-                        }
-                    )
-                    await asyncio.sleep(config.sample_s)
+    for i in range(config.workers):
+        worker = WorkerProcess(settings, log_path=data_dir / f"worker-{i}.log", name=f"worker-{i}")
+        worker.start()
+        workers.append(worker)
+    await asyncio.gather(*(w.wait_ready(timeout_s=180) for w in workers))
 
-            reader = asyncio.create_task(read_replies())
-            sampler = asyncio.create_task(sample())
-            _say(f"steady: {config.rate:g} req/s for {config.steady_s:.0f} s")
-            await send("steady", config.rate, config.steady_s)
-            burst_rate = config.rate * config.burst_x
-            _say(f"burst: {burst_rate:g} req/s for {config.burst_s:.0f} s")
-            await send("burst", burst_rate, config.burst_s)
-            burst_end = time.monotonic()
-            _say(f"drain: waiting for lag 0 and every reply (at most {config.drain_timeout_s:.0f} s)")
-            while time.monotonic() - burst_end < config.drain_timeout_s:
-                await asyncio.sleep(config.sample_s)
-                last = samples[-1] if samples else None
-                at_rest = last is not None and last["t"] > burst_end - t0 and not any(last["lag"].values())
-                if at_rest and tally.answered >= len(tally.sent):
-                    drained_after_s = round(time.monotonic() - burst_end, 1)
-                    break
-            await asyncio.sleep(config.sample_s)  # one more sample at rest
-            sampler.cancel()
-            reader.cancel()
-            for task in (sampler, reader):
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-            duplicates = client.duplicates
-        await lag_consumer.stop()
-        await admin.close()
-    finally:
-        await asyncio.gather(*(w.stop(timeout_s=30) for w in workers), return_exceptions=True)
-        await stack.stop()
 
-    # ----------------------------------------------------------------------------- summary
+@dataclass
+class _Live:
+    """What the sender, the sampler and the drain loop share while the client runs."""
+
+    config: SoakConfig
+    settings: Any
+    client: Any
+    admin: Any
+    lag_consumer: Any
+    workers: Sequence[Any]
+    tally: SoakTally
+    t0: float
+
+
+async def _read_replies(client: Any, tally: SoakTally) -> None:
+    async for reply in client.replies():
+        tally.answered += 1
+        phase = tally.phase_of.get(reply.request_id, "?")
+        if reply.ok:
+            tally.latencies.setdefault(phase, []).append(reply.latency_s)
+        else:
+            tally.errors[reply.error_code] = tally.errors.get(reply.error_code, 0) + 1
+
+
+async def _send(live: _Live, phase: str, rate: float, seconds: float) -> None:
+    """Open loop: request i goes out at ``start + i / rate`` whether or not replies came back."""
+    config, tally = live.config, live.tally
+    start = time.monotonic()
+    tally.phases[phase] = (round(start - live.t0, 2), round(start - live.t0 + seconds, 2))
+    for i in range(int(rate * seconds)):
+        due = start + i / rate
+        await asyncio.sleep(max(0.0, due - time.monotonic()))
+        k = len(tally.sent)
+        tenant = f"tenant{k % config.tenants}"
+        prompt = f"{QUESTIONS[k % len(QUESTIONS)]} (order {k // len(QUESTIONS)})"
+        rid = await live.client.send(prompt, tenant=tenant, max_new_tokens=config.max_new_tokens)
+        tally.sent[rid] = time.monotonic() - live.t0
+        tally.phase_of[rid] = phase
+
+
+async def _sample(live: _Live) -> None:
+    tally = live.tally
+    while True:
+        lag = await group_lag(live.settings, live.admin, live.lag_consumer)
+        tally.samples.append(
+            {
+                "t": round(time.monotonic() - live.t0, 2),
+                "lag": lag,
+                "rss_mb": {w.name: rss_mb(w.pid) for w in live.workers if w.pid},
+                "sent": len(tally.sent),
+                "answered": tally.answered,
+                "errors": sum(tally.errors.values()),
+            }
+        )
+        await asyncio.sleep(live.config.sample_s)
+
+
+async def _drain(live: _Live, burst_end: float) -> float | None:
+    """Seconds after the burst until a sample taken after it shows zero lag and every reply is in."""
+    config, tally = live.config, live.tally
+    while time.monotonic() - burst_end < config.drain_timeout_s:
+        await asyncio.sleep(config.sample_s)
+        last = tally.samples[-1] if tally.samples else None
+        at_rest = last is not None and last["t"] > burst_end - live.t0 and not any(last["lag"].values())
+        if at_rest and tally.answered >= len(tally.sent):
+            return round(time.monotonic() - burst_end, 1)
+    return None
+
+
+async def _drive(live: _Live) -> float | None:
+    """Steady, burst, drain; returns ``lag_zero_after_burst_s`` (None: not drained in time)."""
+    config = live.config
+    reader = asyncio.create_task(_read_replies(live.client, live.tally))
+    sampler = asyncio.create_task(_sample(live))
+    _say(f"steady: {config.rate:g} req/s for {config.steady_s:.0f} s")
+    await _send(live, "steady", config.rate, config.steady_s)
+    burst_rate = config.rate * config.burst_x
+    _say(f"burst: {burst_rate:g} req/s for {config.burst_s:.0f} s")
+    await _send(live, "burst", burst_rate, config.burst_s)
+    burst_end = time.monotonic()
+    _say(f"drain: waiting for lag 0 and every reply (at most {config.drain_timeout_s:.0f} s)")
+    drained_after_s = await _drain(live, burst_end)
+    await asyncio.sleep(config.sample_s)  # one more sample at rest
+    sampler.cancel()
+    reader.cancel()
+    for task in (sampler, reader):
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    return drained_after_s
+
+
+async def _observe(
+    config: SoakConfig,
+    settings: Any,
+    workers: Sequence[Any],
+    tally: SoakTally,
+) -> tuple[float | None, int]:
+    """Run the load as the client while sampling lag and RSS; returns (drained after s, duplicates)."""
+    from aiokafka import AIOKafkaConsumer
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    from echolm.client import EchoClient
+    from infra.kafka import kafka_client_kwargs, kafka_consumer_kwargs
+
+    admin = AIOKafkaAdminClient(**kafka_client_kwargs(settings))
+    await admin.start()
+    lag_consumer = AIOKafkaConsumer(**kafka_consumer_kwargs(settings), group_id=None)
+    await lag_consumer.start()
+    async with EchoClient(settings) as client:
+        live = _Live(config, settings, client, admin, lag_consumer, workers, tally, time.monotonic())
+        drained_after_s = await _drive(live)
+        duplicates = client.duplicates
+    await lag_consumer.stop()
+    await admin.close()
+    return drained_after_s, duplicates
+
+
+def _rss_check(
+    series: list[tuple[float, float]], steady_from: float, steady_to: float
+) -> dict[str, float | None]:
+    """One worker's RSS verdict inputs from its (t, MB) samples; the steady window starts after warm-up."""
+    steady = [mb for t, mb in series if steady_from <= t <= steady_to]
+    late = [mb for t, mb in series if (steady_from + steady_to) / 2 <= t <= steady_to]
+    return {
+        "second_half_growth_mb": round(late[-1] - late[0], 1) if len(late) >= 2 else None,
+        "after_warmup_mb": round(steady[0], 1) if steady else None,
+        "end_of_steady_mb": round(steady[-1], 1) if steady else None,
+        "max_mb": round(max(mb for _, mb in series), 1) if series else None,
+        "end_mb": round(series[-1][1], 1) if series else None,
+        "steady_growth_mb": round(steady[-1] - steady[0], 1) if len(steady) >= 2 else None,
+    }
+
+
+def _latency(values: list[float]) -> dict[str, Any]:
+    return {
+        "n": len(values),
+        "p50_s": round(percentile(values, 50, method="nearest"), 4) if values else None,
+        "p99_s": round(percentile(values, 99, method="nearest"), 4) if values else None,
+        "mean_s": round(statistics.fmean(values), 4) if values else None,
+    }
+
+
+def soak_outcome(
+    config: SoakConfig,
+    *,
+    worker_names: Sequence[str],
+    tally: SoakTally,
+    drained_after_s: float | None,
+    duplicates: int,
+) -> dict[str, Any]:
+    """The measured part of the result (``phases_s`` .. ``samples``), with the pass verdict. Pure."""
+    samples, phases = tally.samples, tally.phases
     steady_from = phases["steady"][0] + config.warmup_s
     steady_to = phases["steady"][1]
-    rss_checks: dict[str, dict[str, float | None]] = {}
-    for w in workers:
-        series = [(s["t"], s["rss_mb"].get(w.name)) for s in samples if s["rss_mb"].get(w.name) is not None]
-        steady = [mb for t, mb in series if steady_from <= t <= steady_to]
-        late = [mb for t, mb in series if (steady_from + steady_to) / 2 <= t <= steady_to]
-        rss_checks[w.name] = {
-            "second_half_growth_mb": round(late[-1] - late[0], 1) if len(late) >= 2 else None,
-            "after_warmup_mb": round(steady[0], 1) if steady else None,
-            "end_of_steady_mb": round(steady[-1], 1) if steady else None,
-            "max_mb": round(max(mb for _, mb in series), 1) if series else None,
-            "end_mb": round(series[-1][1], 1) if series else None,
-            "steady_growth_mb": round(steady[-1] - steady[0], 1) if len(steady) >= 2 else None,
-        }
-    max_lag = {t: max(s["lag"][t] for s in samples) for t in GROUP_TOPICS} if samples else {}
+    rss_checks = {
+        name: _rss_check(
+            [(s["t"], s["rss_mb"][name]) for s in samples if s["rss_mb"].get(name) is not None],
+            steady_from,
+            steady_to,
+        )
+        for name in worker_names
+    }
     missing = len(tally.sent) - tally.answered
-    errors = sum(tally.errors.values())
-    rss_ok = all(
-        c["steady_growth_mb"] is not None and c["steady_growth_mb"] < config.rss_growth_mb
-        for c in rss_checks.values()
-    )
     verdict = {
         "all_answered": missing <= 0,
-        "zero_errors": errors == 0,
+        "zero_errors": sum(tally.errors.values()) == 0,
         "lag_back_to_zero": drained_after_s is not None,
-        "rss_flat": rss_ok,
+        "rss_flat": all(
+            c["steady_growth_mb"] is not None and c["steady_growth_mb"] < config.rss_growth_mb
+            for c in rss_checks.values()
+        ),
     }
-    latency = {
-        phase: {
-            "n": len(values),
-            "p50_s": _percentile(values, 0.5),
-            "p99_s": _percentile(values, 0.99),
-            "mean_s": round(statistics.fmean(values), 4) if values else None,
-        }
-        for phase, values in tally.latencies.items()
-    }
-    result: dict[str, Any] = {
-        "benchmark": "soak",
-        "command": command,
-        "machine": machine(),
-        "config": config.__dict__,
-        "overrides": overrides or {},
-        "backends": "emulated (infra.tgi_emulator default service-time model, --max-batch-size 16)",
+    return {
         "phases_s": phases,
         "sent": len(tally.sent),
         "answered": tally.answered,
         "missing": missing,
         "errors": tally.errors,
         "client_duplicates_dropped": duplicates,
-        "max_lag": max_lag,
+        "max_lag": {t: max(s["lag"][t] for s in samples) for t in GROUP_TOPICS} if samples else {},
         "lag_zero_after_burst_s": drained_after_s,
         "rss": rss_checks,
-        "latency": latency,
+        "latency": {phase: _latency(values) for phase, values in tally.latencies.items()},
         "verdict": verdict,
         "passed": all(verdict.values()),
-        "wall_s": round(time.monotonic() - began, 1),
         "samples": samples,
     }
-    return result
+
+
+async def run_soak(
+    config: SoakConfig,
+    *,
+    data_dir: Path,
+    command: str,
+    overrides: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    settings = _soak_settings(data_dir, overrides)
+    began, started, load_start = time.monotonic(), time.time(), loadavg()
+    stack = _local_stack(settings, data_dir)
+    tally = SoakTally()
+    workers: list[Any] = []
+    await stack.start()
+    try:
+        settings = stack.apply(settings)
+        await _start_workers(config, settings, data_dir, workers)
+        _say(f"{config.workers} worker(s) ready after {time.monotonic() - began:.0f} s")
+        drained_after_s, duplicates = await _observe(config, settings, workers, tally)
+    finally:
+        await asyncio.gather(*(w.stop(timeout_s=30) for w in workers), return_exceptions=True)
+        await stack.stop()
+    outcome = soak_outcome(
+        config,
+        worker_names=[w.name for w in workers],
+        tally=tally,
+        drained_after_s=drained_after_s,
+        duplicates=duplicates,
+    )
+    return {
+        **metadata("soak", command=command, started_at=started, wall_s=round(time.monotonic() - began, 1)),
+        "machine": host_facts(loadavg_start=load_start, loadavg_end=loadavg()),
+        "config": config.__dict__,
+        "overrides": overrides or {},
+        "backends": "emulated (devstack.tgi_emulator default service-time model, --max-batch-size 16)",
+        **outcome,
+    }
 
 
 def summary(result: dict[str, Any]) -> str:
