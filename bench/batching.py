@@ -411,7 +411,7 @@ class StepRecord:
     tokens: int  # prompt tokens (prefill) or sequences (decode)
 
 
-def simulate(
+def simulate(  # noqa: C901 - one event loop: arrivals, prefill, decode, bookkeeping
     jobs: Sequence[Job],
     service: ServiceModel,
     limits: BatchLimits = BatchLimits(),  # frozen: a shared default is safe

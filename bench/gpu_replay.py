@@ -252,7 +252,7 @@ class Engine:
 
 
 # ---------------------------------------------------------------------------------------------- replay
-def replay(
+def replay(  # noqa: C901 - the wall-clock twin of batching.simulate, kept side by side
     engine: Engine,
     jobs: Sequence[Job],
     limits: BatchLimits,

@@ -68,7 +68,8 @@ def build_trace(
     n: int = 800, *, seed: int = 0, records: Path = RESULTS / "fleet-small-records.jsonl.gz"
 ) -> dict[str, Any]:
     """``n`` requests of the fleet's bursty stream at a mean of 1 request per second."""
-    from bench.fleet import PRESETS, build_workbench
+    from bench.fleet.preset import PRESETS
+    from bench.fleet.workbench import build_workbench
 
     preset = replace(PRESETS["small"], burst_requests=n, saturation_requests=0, seed=seed)
     bench = build_workbench(preset)

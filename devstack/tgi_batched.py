@@ -33,6 +33,9 @@ __all__ = ["BatchedEmulatedEngine", "Gauges"]
 _WORDS = (" the", " model", " answer", " is", " a", " short", " reply", " for", " your", " request")
 
 
+_LIMITS = BatchLimits()  # frozen: one shared default is safe
+
+
 @dataclass(frozen=True, slots=True)
 class Gauges:
     waiting: int
@@ -49,7 +52,7 @@ class BatchedEmulatedEngine:
         self,
         *,
         service: ServiceModel,
-        limits: BatchLimits = BatchLimits(),  # frozen: a shared default is safe
+        limits: BatchLimits = _LIMITS,
         model_id: str = "emulated-batched",
         max_total_tokens: int = 32_768,
         chars_per_token: float = 4.0,

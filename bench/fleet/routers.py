@@ -62,8 +62,16 @@ def serve_quality_router(
             return _failed(item, system, phase)
         condition: Condition = "large" if tier == large_tier else "small_alone"
         return _served(
-            item, system, phase, sent=sent, done=clock(), tier=backend.tier, backend=backend.name,
-            condition=condition, quality=quality, generate_ms=generation.latency_s * 1e3,
-        )  # fmt: skip
+            item,
+            system,
+            phase,
+            sent=sent,
+            done=clock(),
+            tier=backend.tier,
+            backend=backend.name,
+            condition=condition,
+            quality=quality,
+            generate_ms=generation.latency_s * 1e3,
+        )
 
     return handle

@@ -110,12 +110,15 @@ def large_only_capacity(sp: SweepPreset, items: Sequence[Scheduled]) -> float:
     from bench.gpu_replay import nominal_capacity
 
     jobs = [
-        Job(s.request_id, 0.0, SYSTEM_TOKENS + TEMPLATE_TOKENS + len(s.text) // 4, s.max_new_tokens) for s in items
+        Job(s.request_id, 0.0, SYSTEM_TOKENS + TEMPLATE_TOKENS + len(s.text) // 4, s.max_new_tokens)
+        for s in items
     ]
     return sp.slots * nominal_capacity(QWEN25_H200_MEASURED[sp.large], jobs) / sp.time_scale
 
 
-def sweep_workbench(sp: SweepPreset, pattern: str, systems: Sequence[str]) -> tuple[Workbench, dict[str, Any]]:
+def sweep_workbench(
+    sp: SweepPreset, pattern: str, systems: Sequence[str]
+) -> tuple[Workbench, dict[str, Any]]:
     """One phase per load: the stream's next ``requests_per_load`` requests at that load's rate."""
     from bench.workloads import arrival_times
 
@@ -132,9 +135,14 @@ def sweep_workbench(sp: SweepPreset, pattern: str, systems: Sequence[str]) -> tu
             times = np.arange(len(chunk)) / rate
         elif pattern == "bursty":
             times = arrival_times(
-                len(chunk), rate, "bursty", seed=sp.seed + k, burst_peak=sp.burst_peak,
-                burst_fraction=sp.burst_fraction, burst_mean_s=sp.burst_mean_s,
-            )  # fmt: skip
+                len(chunk),
+                rate,
+                "bursty",
+                seed=sp.seed + k,
+                burst_peak=sp.burst_peak,
+                burst_fraction=sp.burst_fraction,
+                burst_mean_s=sp.burst_mean_s,
+            )
         else:
             raise ValueError(f"unknown pattern {pattern!r}; use steady or bursty")
         name = f"{pattern}-{load:g}x"
@@ -144,9 +152,14 @@ def sweep_workbench(sp: SweepPreset, pattern: str, systems: Sequence[str]) -> tu
 
 
 async def run_piece(
-    sp: SweepPreset, pattern: str, systems: Sequence[str], quality: QualityCells, out: Path, data_dir: Path,
+    sp: SweepPreset,
+    pattern: str,
+    systems: Sequence[str],
+    quality: QualityCells,
+    out: Path,
+    data_dir: Path,
     say: Callable[[str], None] = print,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """The named systems, each through every load of ``pattern``; writes ``out`` (records inside)."""
     from tqdm import tqdm
 
@@ -163,7 +176,9 @@ async def run_piece(
     started = time.time()
     preset = sp.fleet(systems)
     workbench, meta = sweep_workbench(sp, pattern, systems)
-    say(f"{pattern}: large-only nominal capacity {meta['large_only_nominal_rps']:.2f} req/s; {meta['phases']}")
+    say(
+        f"{pattern}: large-only nominal capacity {meta['large_only_nominal_rps']:.2f} req/s; {meta['phases']}"
+    )
     model = quality.as_quality_model()
     records: list[Any] = []
     depths: list[dict[str, Any]] = []
@@ -178,9 +193,16 @@ async def run_piece(
             for system in systems:
                 say(f"--- {system}")
                 r, d, f = await run_system(
-                    system, fleet, workbench, bank_vectors, model, embedder=embedder, say=say, bar=bar,
+                    system,
+                    fleet,
+                    workbench,
+                    bank_vectors,
+                    model,
+                    embedder=embedder,
+                    say=say,
+                    bar=bar,
                     utility_model_path=utility_path if utility_path.is_file() else None,
-                )  # fmt: skip
+                )
                 records += r
                 depths += d
                 facts[system] = f
@@ -204,7 +226,9 @@ async def run_piece(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="one piece: some systems through every load of one pattern")
     run.add_argument("--pattern", choices=["steady", "bursty"], required=True)
@@ -213,13 +237,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--requests-per-load", type=int, default=60)
     run.add_argument("--time-scale", type=float, default=20.0)
     run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--quality", choices=["measured", "placeholder"], default="measured",
-                     help="placeholder: made-up cells, for smoke tests only (labelled in every output)")  # fmt: skip
+    run.add_argument(
+        "--quality",
+        choices=["measured", "placeholder"],
+        default="measured",
+        help="placeholder: made-up cells, for smoke tests only (labelled in every output)",
+    )
     run.add_argument("--out", type=Path, required=True, help="the piece's .json.gz")
     run.add_argument("--data-dir", type=Path, default=Path("/tmp/echolm-sweep"))
     rep = sub.add_parser("report", help="merge pieces into tables, plots and one result JSON")
     rep.add_argument("pieces", type=Path, nargs="+")
-    rep.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "results" / "fleet-sweep.json")
+    rep.add_argument(
+        "--out", type=Path, default=Path(__file__).resolve().parents[1] / "results" / "fleet-sweep.json"
+    )
     rep.add_argument("--slo-s", type=float, default=0.0, help="p99 SLO (s); 0: 3x large-only's p50 at 0.5x")
     args = parser.parse_args(argv)
     if args.command == "report":
@@ -228,9 +258,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(write_report(args.pieces, out=args.out, slo_s=args.slo_s or None))
         return 0
     sp = SweepPreset(
-        time_scale=args.time_scale, loads=tuple(float(x) for x in args.loads.split(",")),
-        requests_per_load=args.requests_per_load, seed=args.seed,
-    )  # fmt: skip
+        time_scale=args.time_scale,
+        loads=tuple(float(x) for x in args.loads.split(",")),
+        requests_per_load=args.requests_per_load,
+        seed=args.seed,
+    )
     quality = PLACEHOLDER if args.quality == "placeholder" else QualityCells.load()
     systems = [s for s in args.systems.split(",") if s]
     unknown = set(systems) - set(SWEEP_SYSTEMS)

@@ -6,6 +6,7 @@ labelled sensitivity row, and the plots (quality against throughput, latency CDF
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import math
 from collections import Counter
@@ -46,7 +47,9 @@ def summarize_point(rows: Sequence[Mapping[str, Any]], cells: QualityCells) -> d
         "offload": (tiers.get("small", 0) + tiers.get("cache", 0)) / answered if answered else math.nan,
         "conditions": dict(counts),
         "quality": cells.score(counts).as_dict(),
-        "quality_paper_small_match": cells.with_small_match(PAPER_SMALL_MATCH, "PAPER").score(counts).as_dict(),
+        "quality_paper_small_match": cells.with_small_match(PAPER_SMALL_MATCH, "PAPER")
+        .score(counts)
+        .as_dict(),
         "latencies_s": sorted(lat),
     }
 
@@ -57,7 +60,7 @@ def capacity_at_slo(points: Sequence[tuple[float, float]], slo_s: float) -> floa
     pts = sorted(points)
     if not pts or not (pts[0][1] <= slo_s):
         return None
-    for (r0, p0), (r1, p1) in zip(pts, pts[1:], strict=False):
+    for (r0, p0), (r1, p1) in itertools.pairwise(pts):
         if not (p1 <= slo_s):
             return r0 if math.isnan(p1) else r0 + (slo_s - p0) / (p1 - p0) * (r1 - r0)
     return pts[-1][0]
@@ -77,7 +80,12 @@ def write_report(pieces: Sequence[Path], *, out: Path, slo_s: float | None = Non
         for (system, phase), rows in by.items():
             points.setdefault(d["pattern"], {}).setdefault(system, {})[phase] = summarize_point(rows, cells)
     if slo_s is None:
-        base = [p for pat in points.values() for ph, p in pat.get("large-only", {}).items() if ph.endswith("-0.5x")]
+        base = [
+            p
+            for pat in points.values()
+            for ph, p in pat.get("large-only", {}).items()
+            if ph.endswith("-0.5x")
+        ]
         slo_s = 3 * float(np.median([p["p50_s"] for p in base])) if base else 60.0
     capacity = {
         pattern: {
@@ -94,8 +102,13 @@ def write_report(pieces: Sequence[Path], *, out: Path, slo_s: float | None = Non
         "ceiling": CEILING,
         "meta": meta,
         "capacity_at_slo_rps": capacity,
-        "points": {pat: {s: {ph: {k: v for k, v in x.items() if k != "latencies_s"} for ph, x in phs.items()}
-                         for s, phs in syss.items()} for pat, syss in points.items()},  # fmt: skip
+        "points": {
+            pat: {
+                s: {ph: {k: v for k, v in x.items() if k != "latencies_s"} for ph, x in phs.items()}
+                for s, phs in syss.items()
+            }
+            for pat, syss in points.items()
+        },
         "pieces": [str(p) for p in pieces],
         "wall_s": sum(d["wall_s"] for d in loaded),
     }
@@ -105,23 +118,34 @@ def write_report(pieces: Sequence[Path], *, out: Path, slo_s: float | None = Non
 
 
 def _markdown(result: Mapping[str, Any]) -> str:
-    lines = [f"Quality: {result['quality_source']}. SLO: p99 <= {result['slo']['p99_s']:.1f} s. {result['ceiling']}."]
+    slo = result["slo"]["p99_s"]
+    lines = [f"Quality: {result['quality_source']}. SLO: p99 <= {slo:.1f} s. {result['ceiling']}."]
     for pattern, systems in result["points"].items():
-        lines += ["", f"**{pattern}** (large-only nominal {result['meta'][pattern]['large_only_nominal_rps']:.2f} req/s)", ""]
-        lines += ["| system | load | p50 / p99 (s) | throughput (req/s) | offload | failed | win rate vs large (95% CI) | with paper's 0.56 (sensitivity) |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+        lines += [
+            "",
+            f"**{pattern}** (large-only nominal {result['meta'][pattern]['large_only_nominal_rps']:.2f} rps)",
+            "",
+        ]
+        lines += [
+            "| system | load | p50 / p99 (s) | throughput (req/s) | offload | failed "
+            "| win rate vs large (95% CI) | with paper's 0.56 (sensitivity) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for system, phases in systems.items():
             for phase, s in phases.items():
                 q, qp = s["quality"], s["quality_paper_small_match"]
                 lines.append(
-                    f"| {system} | {phase} | {s['p50_s']:.2f} / {s['p99_s']:.2f} | {s['throughput_rps']:.2f} | "
-                    f"{s['offload']:.0%} | {s['failed']} | {q['mean']:.3f} ({q['ci_low']:.3f}-{q['ci_high']:.3f}) | "
+                    f"| {system} | {phase} | {s['p50_s']:.2f} / {s['p99_s']:.2f} | "
+                    f"{s['throughput_rps']:.2f} | {s['offload']:.0%} | {s['failed']} | "
+                    f"{q['mean']:.3f} ({q['ci_low']:.3f}-{q['ci_high']:.3f}) | "
                     f"{qp['mean']:.3f} |"
                 )
         cap = result["capacity_at_slo_rps"][pattern]
         lines.append("")
-        lines.append("Capacity at the SLO (req/s): " + ", ".join(
-            f"{k} {'-' if v is None else f'{v:.2f}'}" for k, v in cap.items()))  # fmt: skip
+        lines.append(
+            "Capacity at the SLO (req/s): "
+            + ", ".join(f"{k} {'-' if v is None else f'{v:.2f}'}" for k, v in cap.items())
+        )
     return "\n".join(lines)
 
 
@@ -138,15 +162,28 @@ def _plots(points: Mapping[str, Any], meta: Mapping[str, Any], placeholder: bool
         for system, phases in systems.items():
             xs = [s["throughput_rps"] for s in phases.values()]
             qs = [s["quality"] for s in phases.values()]
-            ax.errorbar(xs, [q["mean"] for q in qs], fmt="o-", capsize=3, label=system,
-                        yerr=[[q["mean"] - q["ci_low"] for q in qs], [q["ci_high"] - q["mean"] for q in qs]])  # fmt: skip
-        ax.set(xlabel="throughput (req/s)", ylabel="win rate vs large alone (95% CI)",
-               title=f"quality vs throughput, {pattern}{tag}")  # fmt: skip
+            ax.errorbar(
+                xs,
+                [q["mean"] for q in qs],
+                fmt="o-",
+                capsize=3,
+                label=system,
+                yerr=[[q["mean"] - q["ci_low"] for q in qs], [q["ci_high"] - q["mean"] for q in qs]],
+            )
+        ax.set(
+            xlabel="throughput (req/s)",
+            ylabel="win rate vs large alone (95% CI)",
+            title=f"quality vs throughput, {pattern}{tag}",
+        )
         ax.legend(fontsize=7)
         fig.savefig(PLOTS / f"fleet-sweep-quality-vs-throughput-{pattern}.png", dpi=110, bbox_inches="tight")
         plt.close(fig)
-        phases_all = sorted({ph for s in systems.values() for ph in s}, key=lambda p: meta[pattern]["phases"][p]["load"])
-        fig, axes = plt.subplots(1, len(phases_all), figsize=(4 * len(phases_all), 3.5), sharey=True, squeeze=False)
+        phases_all = sorted(
+            {ph for s in systems.values() for ph in s}, key=lambda p: meta[pattern]["phases"][p]["load"]
+        )
+        fig, axes = plt.subplots(
+            1, len(phases_all), figsize=(4 * len(phases_all), 3.5), sharey=True, squeeze=False
+        )
         for ax, ph in zip(axes[0], phases_all, strict=True):
             for system, phases in systems.items():
                 lat = phases.get(ph, {}).get("latencies_s", [])
@@ -162,8 +199,11 @@ def _plots(points: Mapping[str, Any], meta: Mapping[str, Any], placeholder: bool
         for system, phases in systems.items():
             loads = [meta[pattern]["phases"][ph]["load"] for ph in phases]
             ax.plot(loads, [s["offload"] for s in phases.values()], "o-", label=system)
-        ax.set(xlabel="offered load (x large-only nominal capacity)", ylabel="offload (small tier or cache)",
-               title=f"offload by load, {pattern}{tag}")  # fmt: skip
+        ax.set(
+            xlabel="offered load (x large-only nominal capacity)",
+            ylabel="offload (small tier or cache)",
+            title=f"offload by load, {pattern}{tag}",
+        )
         ax.legend(fontsize=7)
         fig.savefig(PLOTS / f"fleet-sweep-offload-{pattern}.png", dpi=110, bbox_inches="tight")
         plt.close(fig)
