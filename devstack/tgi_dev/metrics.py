@@ -54,11 +54,6 @@ class DevMetrics:
     def __init__(self, queue: RequestQueue) -> None:
         self._queue = queue
         self._gauges: Any = None
-
-    def read_gauges_from(self, engine: Any) -> None:
-        """Take waiting/running/reserved tokens from ``engine.gauges`` (an engine that batches itself,
-        devstack.tgi_batched) instead of the server's queue, which admits everything to it."""
-        self._gauges = engine
         self._requests = 0
         self._successes = 0
         self._failures: Counter[str] = Counter()
@@ -73,6 +68,11 @@ class DevMetrics:
                 _Histogram("tgi_request_generated_tokens", "Generated tokens per request", _TOKENS),
             )
         }
+
+    def read_gauges_from(self, engine: Any) -> None:
+        """Take waiting/running/reserved tokens from ``engine.gauges`` (an engine that batches itself,
+        devstack.tgi_batched) instead of the server's queue, which admits everything to it."""
+        self._gauges = engine
 
     def request_received(self) -> None:
         self._requests += 1
