@@ -54,6 +54,9 @@ class FleetPreset:
     # "offline": bench/selection_quality.py's SmolLM2-vs-its-best-of-n measurement. The other one is
     # always reported as a what-if, and report.quality_sensitivity re-scores small_match.
     quality_source: str = "assumed"
+    # "emulated": devstack.tgi_emulator (calibration.json's TierService numbers, max_batch_size cap);
+    # "batched": devstack.tgi_batched (TGI's batching loop, bench.batching.QWEN25_H200_MEASURED).
+    engine: str = "emulated"
 
     @property
     def echolm_large(self) -> int:

@@ -49,14 +49,21 @@ class Fleet:
         for tier, service, count in ((SMALL, self.small, n_small), (LARGE, self.large, n_large)):
             for i in range(count):
                 name = f"{tier}-{i}"
+                batched = p.engine == "batched"
+                engine_args = (
+                    ["--service", service.name, "--time-scale", f"{p.time_scale:g}"]
+                    if batched
+                    else service.emulator_args(p.time_scale)
+                )
                 self.servers[name] = DevServerProcess(
                     port=0,
-                    engine="emulated",
+                    engine="batched" if batched else "emulated",
                     model_id=f"{service.name}:{name}",
                     ctx=16384,
-                    max_batch_size=p.max_batch_size,
-                    max_concurrent_requests=100_000,
-                    extra_args=[*service.emulator_args(p.time_scale), "--log-level", "WARNING"],
+                    # batched: TGI's own limit (128 in the system, the engine batches); else the old cap
+                    max_batch_size=128 if batched else p.max_batch_size,
+                    max_concurrent_requests=128 if batched else 100_000,
+                    extra_args=[*engine_args, "--log-level", "WARNING"],
                     log_path=self.data_dir / f"tgi-{name}.log",
                 )
         self.say(

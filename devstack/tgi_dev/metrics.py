@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 from devstack.tgi_dev.scheduler import RequestQueue
 
@@ -52,6 +53,7 @@ class _Histogram:
 class DevMetrics:
     def __init__(self, queue: RequestQueue) -> None:
         self._queue = queue
+        self._gauges: Any = None
         self._requests = 0
         self._successes = 0
         self._failures: Counter[str] = Counter()
@@ -66,6 +68,11 @@ class DevMetrics:
                 _Histogram("tgi_request_generated_tokens", "Generated tokens per request", _TOKENS),
             )
         }
+
+    def read_gauges_from(self, engine: Any) -> None:
+        """Take waiting/running/reserved tokens from ``engine.gauges`` (an engine that batches itself,
+        devstack.tgi_batched) instead of the server's queue, which admits everything to it."""
+        self._gauges = engine
 
     def request_received(self) -> None:
         self._requests += 1
@@ -95,7 +102,7 @@ class DevMetrics:
             self._histograms[name].observe(value)
 
     def render(self) -> str:
-        q = self._queue
+        q: Any = self._queue if self._gauges is None else self._gauges.gauges
         lines = [
             "# HELP tgi_queue_size Requests waiting in the queue",
             "# TYPE tgi_queue_size gauge",

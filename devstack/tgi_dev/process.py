@@ -53,7 +53,7 @@ class DevServerProcess(ChildProcess):
         *,
         port: int = 0,
         host: str = "127.0.0.1",
-        engine: Literal["llama", "emulated"] = "llama",
+        engine: Literal["llama", "emulated", "batched"] = "llama",
         gguf: Path | None = None,
         model_id: str | None = None,
         ctx: int = 2048,
