@@ -3,7 +3,7 @@
 For each case, two conversations end in the *same* follow-up after *unrelated* first turns (a key
 that matches them serves one conversation's answer to the other: GPTCache#8), and a third is a
 reworded twin of the first (a key should still match it). MiniLM cosine of the keys, for the
-last-user-turn key and for ``agents.policy.conversation.retrieval_key``.
+last-user-turn key and for ``streams.conversation.retrieval_key``.
 
     python -m bench.conversation_keys
 """
@@ -14,8 +14,8 @@ import statistics
 
 import numpy as np
 
-from agents.policy.conversation import retrieval_key
 from infra.protocols import ChatMessage
+from streams.conversation import retrieval_key
 
 # (first turn A, first turn B unrelated, reworded A, follow-up, reworded follow-up)
 CASES = [

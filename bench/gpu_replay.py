@@ -17,13 +17,13 @@ What runs (no TGI on the GPU machine, no network: this is a small engine of its 
   every step (the engine synchronises every step, as a server streaming tokens does).
 * **Prefill**: eager, every new request of a step packed into one pass (block-diagonal causal mask),
   its K/V scattered into the requests' rows, the first token from each request's last position.
-* **Scheduling**: ``bench.batching.BatchScheduler`` with TGI's launcher defaults, on the wall clock.
+* **Scheduling**: ``devstack.batching.BatchScheduler`` with TGI's launcher defaults, on the wall clock.
 
 Measured, per model: the decode step time of this engine at every batch bucket (context 512), the
 prefill time over packed token counts (fitted to ``fixed_ms + ms_per_token x tokens``), then a replay
 of the fleet trace at several loads (fractions of a nominal capacity computed from those
 measurements), recording every request's time to first token and end-to-end latency and every step.
-``bench.batching.simulate`` of the same jobs, with this engine's measured table and with the notes'
+``devstack.batching.simulate`` of the same jobs, with this engine's measured table and with the notes'
 table (gpu-qwen-h200.md), goes beside each load (``bench.replay_trace.compare``). Results are written
 after every load, so a timeout keeps what was measured.
 """
@@ -41,7 +41,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.batching import (
+from bench.replay_trace import compare, jobs_at_load
+from devstack.batching import (
     QWEN25_H200_NOTES,
     BatchLimits,
     BatchScheduler,
@@ -51,7 +52,6 @@ from bench.batching import (
     StepTable,
     fit_line,
 )
-from bench.replay_trace import compare, jobs_at_load
 
 __all__ = ["BUCKETS", "SHAPES", "QwenShape", "main", "nominal_capacity"]
 
@@ -469,7 +469,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 source="notes table (gpu-qwen-h200.md) + this engine's prefill fit",
             )
             kv_bytes = 2 * shape.layers * shape.kv_heads * shape.head_dim * 2
-            from bench.batching import kv_token_budget
+            from devstack.batching import kv_token_budget
 
             limits = BatchLimits(
                 max_batch_total_tokens=kv_token_budget(

@@ -10,7 +10,7 @@ a token): a system turn, the examples echolm showed (their count taken per reque
 echolm run, ``fleet-small-records.jsonl.gz``; each a rewording of the request plus a stand-in answer of
 ``tokens_median`` tokens) and the request.
 
-``compare`` puts a GPU replay's per-request latencies beside ``bench.batching.simulate`` of the same
+``compare`` puts a GPU replay's per-request latencies beside ``devstack.batching.simulate`` of the same
 jobs: medians, p90 and p99 of time to first token and of end-to-end latency, and the per-request
 relative error of end-to-end latency.
 """
@@ -26,7 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from bench.batching import (
+from devstack.batching import (
     QWEN25_H200_NOTES,
     BatchLimits,
     Job,

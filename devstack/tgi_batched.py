@@ -1,9 +1,9 @@
 """``BatchedEmulatedEngine``: a TGI backend without a model that batches as TGI does.
 
 It plugs into the dev server (``python -m devstack.tgi_dev --engine batched``). One batching task
-runs ``bench.batching.BatchScheduler`` (TGI's batching loop with its launcher limits: prefill and
+runs ``devstack.batching.BatchScheduler`` (TGI's batching loop with its launcher limits: prefill and
 total token budgets, ``waiting_served_ratio``, ``max_waiting_tokens``) on the event loop's clock and
-spends simulated time per step from a ``bench.batching.ServiceModel``: a packed prefill of the step's
+spends simulated time per step from a ``devstack.batching.ServiceModel``: a packed prefill of the step's
 new requests (``fixed + per token``), then one decode step of the whole running batch (a measured
 table by batch size, plus a context term). Every running request gets one token per decode step, so
 a request's latency depends on everything that shares its replica, as on a GPU.
@@ -25,7 +25,7 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from bench.batching import BatchLimits, BatchScheduler, Job, ServiceModel
+from devstack.batching import BatchLimits, BatchScheduler, Job, ServiceModel
 from devstack.tgi_dev.engine import SamplingParams, Token
 
 __all__ = ["BatchedEmulatedEngine", "Gauges"]

@@ -19,7 +19,7 @@ Request JSON (v2, chat): ``messages`` instead of ``prompt``, OpenAI's sampling n
      "stream": false, "reply_topic": "…", "no_store": false, "deadline_s": 60}
 
 A v2 record's ``prompt`` is derived: the conversation's retrieval key
-(``agents.policy.conversation.retrieval_key``), which is what prepare embeds and admission stores;
+(``streams.conversation.retrieval_key``), which is what prepare embeds and admission stores;
 ``messages`` keeps the turns for generation. A v1 record (``prompt``, ``max_new_tokens``) is read as
 a one-turn conversation; a record with no ``version`` is v2 when it has ``messages``, else v1.
 """
@@ -34,10 +34,10 @@ from typing import Any
 import faust
 import orjson
 
-from agents.policy.conversation import retrieval_key
 from infra.errors import DecodeError, ForbiddenReplyTopic, LimitExceeded, SchemaError, UnknownTenant
 from infra.protocols import ChatMessage, Example, GenerationParams, Vector
 from infra.settings import LimitsSettings
+from streams.conversation import retrieval_key
 
 from .codecs import ORJSON_CODEC
 

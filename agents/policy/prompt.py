@@ -12,7 +12,7 @@ The layout (the paper's: examples as earlier turns, the real question last)::
 
 A multi-turn conversation (``conversation=``) goes after the examples, turn by turn, so the real
 exchange stays contiguous and last; the client's own system turns are appended to ours, and the
-note says how many of the first exchanges are examples (``agents.policy.conversation``).
+note says how many of the first exchanges are examples (``streams.conversation``).
 
 Example texts come from other requests and from model outputs, so they are untrusted: they must
 not be able to open a turn of their own (chat-template control tokens), pose as a role (``system:``

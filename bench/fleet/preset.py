@@ -55,7 +55,7 @@ class FleetPreset:
     # always reported as a what-if, and report.quality_sensitivity re-scores small_match.
     quality_source: str = "assumed"
     # "emulated": devstack.tgi_emulator (calibration.json's TierService numbers, max_batch_size cap);
-    # "batched": devstack.tgi_batched (TGI's batching loop, bench.batching.QWEN25_H200_MEASURED).
+    # "batched": devstack.tgi_batched (TGI's batching loop, devstack.batching.QWEN25_H200_MEASURED).
     engine: str = "emulated"
 
     @property

@@ -9,7 +9,7 @@ arrival pattern as consecutive phases (``{pattern}-{load}x``) on a fresh worker;
 ten minutes on two busy cores when they hold two or three systems. What is what:
 
 * **Emulated**: the GPUs. Each replica is a dev TGI server on ``devstack.tgi_batched`` (TGI's batching
-  loop and launcher limits) timed by ``bench.batching.QWEN25_H200_MEASURED`` (this repo's H200
+  loop and launcher limits) timed by ``devstack.batching.QWEN25_H200_MEASURED`` (this repo's H200
   measurement of the Qwen2.5 0.5B/1.5B shapes, checked against real batched decoding in
   docs/gpu-replay.md) times ``time_scale``, so the fleet, not this host, is the bottleneck.
 * **Measured**: routing, example selection, cache hits, every latency; the serving condition of each
@@ -37,12 +37,12 @@ from typing import Any
 import numpy as np
 
 from bench.baselines import Scheduled
-from bench.batching import QWEN25_H200_MEASURED, Job
 from bench.calibrate import TierService
 from bench.fleet.preset import PRESETS, FleetPreset
 from bench.fleet.workbench import Workbench, build_workbench
 from bench.quality_cells import PLACEHOLDER, QualityCells
 from bench.replay_trace import SYSTEM_TOKENS, TEMPLATE_TOKENS
+from devstack.batching import QWEN25_H200_MEASURED, Job
 
 __all__ = ["SWEEP_SYSTEMS", "SweepPreset", "large_only_capacity", "main", "sweep_workbench", "tier_services"]
 

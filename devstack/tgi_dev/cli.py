@@ -50,7 +50,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--batch-slowdown", type=float, default=0.05, help="step slowdown per extra sequence"
     )
     batched = p.add_argument_group("batched engine (--engine batched): TGI's batching loop")
-    batched.add_argument("--service", default="qwen2.5-1.5b", help="bench.batching.QWEN25_H200_MEASURED key")
+    batched.add_argument(
+        "--service", default="qwen2.5-1.5b", help="devstack.batching.QWEN25_H200_MEASURED key"
+    )
     batched.add_argument("--time-scale", type=float, default=1.0, help="every step time x this")
     batched.add_argument("--max-batch-prefill-tokens", type=int, default=4096)
     batched.add_argument("--max-batch-total-tokens", type=int, default=1_000_000)
@@ -63,7 +65,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def _engine_factory(args: argparse.Namespace) -> Callable[[], Engine]:
     if args.engine == "batched":
-        from bench.batching import QWEN25_H200_MEASURED, BatchLimits
+        from devstack.batching import QWEN25_H200_MEASURED, BatchLimits
         from devstack.tgi_batched import BatchedEmulatedEngine
 
         limits = BatchLimits(

@@ -15,7 +15,6 @@ import pytest
 import uvicorn
 from openai import AsyncOpenAI
 
-from agents.policy.conversation import retrieval_key
 from echolm.bank import read_log
 from echolm.client import EchoClient
 from echolm.gateway import build_gateway
@@ -23,6 +22,7 @@ from echolm.gateway_server import bind
 from infra.auth import hash_key, new_api_key
 from infra.protocols import ChatMessage
 from infra.settings import ApiKeySettings, Settings
+from streams.conversation import retrieval_key
 from streams.records import LogRecord
 
 from .conftest import PipelineFactory

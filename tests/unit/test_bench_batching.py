@@ -1,4 +1,4 @@
-"""bench/batching.py: TGI-like admission, step-time interpolation and a simulated trace."""
+"""devstack/batching.py: TGI-like admission, step-time interpolation and a simulated trace."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from bench.batching import (
+from devstack.batching import (
     QWEN25_H200_NOTES,
     BatchLimits,
     BatchScheduler,
@@ -264,7 +264,7 @@ def test_drop_forgets_waiting_and_running_requests() -> None:
 
 
 def test_measured_presets_keep_the_pair_ceiling_under_two() -> None:
-    from bench.batching import QWEN25_H200_MEASURED
+    from devstack.batching import QWEN25_H200_MEASURED
 
     small, large = QWEN25_H200_MEASURED["qwen2.5-0.5b"], QWEN25_H200_MEASURED["qwen2.5-1.5b"]
     ratio = large.decode_ms(128, 600) / small.decode_ms(128, 600)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from agents.policy.conversation import CONTEXT_LABEL, retrieval_key
 from agents.policy.prompt import CONVERSATION_EXAMPLES_NOTE, build_messages
 from infra.errors import LimitExceeded, SchemaError
 from infra.protocols import ChatMessage
 from infra.settings import LimitsSettings
 from streams.codecs import register_codecs
+from streams.conversation import CONTEXT_LABEL, retrieval_key
 from streams.records import LogRecord, ReplyRecord, RequestRecord, parse_request
 
 from .test_policy_prompt import SYSTEM, selected_factory

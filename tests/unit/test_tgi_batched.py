@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from bench.batching import BatchLimits, ServiceModel, StepTable
+from devstack.batching import BatchLimits, ServiceModel, StepTable
 from devstack.tgi_batched import BatchedEmulatedEngine
 from devstack.tgi_dev.engine import SamplingParams
 
