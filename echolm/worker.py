@@ -58,6 +58,10 @@ class DrainingWorker(faust.Worker):
 def run_worker(settings: Settings, *, role: str | None = None) -> int:
     if role:
         settings = settings.model_copy(update={"worker": settings.worker.model_copy(update={"role": role})})
+    if settings.worker.event_loop == "uvloop":
+        import uvloop  # the 'uvloop' extra; faust's worker creates its loop from the policy
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     app, _topics, resources = build_app(settings)
     serve_metrics(resources.metrics, settings.worker.metrics_port)
     worker = DrainingWorker(
