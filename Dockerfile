@@ -25,6 +25,7 @@ COPY agents ./agents
 COPY infra ./infra
 COPY echolm ./echolm
 COPY bench ./bench
+# devstack/ (the local stack, the dev TGI server) is development-only: the image does not ship it.
 RUN pip install . \
  && python -c "import echolm, infra.settings, streams.topology"
 

@@ -10,7 +10,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ECHOLM := $(VENV)/bin/echolm
 # Python sources we format, lint and type-check.
-SOURCES := streams agents infra echolm bench tools tests
+SOURCES := streams agents infra echolm devstack bench tools tests
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 

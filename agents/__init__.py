@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from infra.resources import Resources
     from streams.topology import Topics
 
+    from .state import DecisionState
+
 __all__ = ["AGENTS_BY_ROLE", "register_agents"]
 
 AGENTS_BY_ROLE = {
@@ -29,7 +31,9 @@ AGENTS_BY_ROLE = {
 
 def register_agents(
     app: faust.App, topics: Topics, resources: Resources, *, only: tuple[str, ...] | None = None
-) -> None:
+) -> DecisionState:
+    """Register the agents ``only`` names (default: those of ``worker.role``); returns the decision
+    state they share (the bandit, backend health), which every worker also syncs and reports."""
     from .admit import register_admit
     from .gauges import register_gauges
     from .learn import register_learn
@@ -53,8 +57,8 @@ def register_agents(
     if unknown:
         raise ValueError(f"unknown agents {sorted(unknown)}; choose from {sorted(registry)}")
     state = DecisionState.create(resources.settings)
-    resources.decision_state = state
     for name in names:
         registry[name](app, topics, resources, state)
     register_model_sync(app, topics, resources, state)  # every worker routes with the shared bandit
     register_gauges(app, topics, resources, state)
+    return state

@@ -23,8 +23,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
-from dataclasses import replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 import faust
 
@@ -62,30 +62,30 @@ def example_from_log(record: LogRecord, *, now: float) -> Example:
     )
 
 
-async def apply_log_records(
-    records: Sequence[LogRecord],
-    store: VectorStore,
-    settings: Settings,
-    *,
-    now: float,
-    state: DecisionState | None = None,
-) -> dict[str, int]:
-    """Apply a batch of log records to the store. Returns counts by what happened."""
-    counts = {"admitted": 0, "replaced": 0, "imported": 0, "credited": 0, "rejected": 0}
-    large = settings.tgi.large_tier
-    max_cost = max(b.cost for b in settings.tgi.backends)
-    tier_cost = {b.tier: b.cost for b in settings.tgi.backends}
-    candidates: dict[tuple[str, str], tuple[LogRecord, Example]] = {}
-    uses: dict[tuple[str, str], int] = {}  # times selected for a served request (demand: replay gain)
-    credits: dict[tuple[str, str], int] = {}  # times it let a cheaper tier answer (offloads: eviction value)
+Key = tuple[str, str]  # (tenant, example id)
+
+
+@dataclass
+class _Batch:
+    """What one batch of log records asks of the bank, before the store is read."""
+
+    candidates: dict[Key, tuple[LogRecord, Example]] = field(default_factory=dict)
+    uses: dict[Key, int] = field(default_factory=dict)  # times selected for a served request (demand)
+    credits: dict[Key, int] = field(default_factory=dict)  # times it let a cheaper tier answer (offloads)
+    rejected: int = 0
+
+
+def _tally(records: Sequence[LogRecord], large: str, *, now: float) -> _Batch:
+    """Step 1: admission decisions, and the examples each served request used."""
+    batch = _Batch()
     for record in records:
         reply = record.reply
         if record.origin == "serve" and reply.ok and record.examples:
             for ref in record.examples:
                 key = (record.request.tenant, ref.example_id)
-                uses[key] = uses.get(key, 0) + 1
+                batch.uses[key] = batch.uses.get(key, 0) + 1
                 if reply.tier != large:
-                    credits[key] = credits.get(key, 0) + 1
+                    batch.credits[key] = batch.credits.get(key, 0) + 1
         decision = decide_admission(
             tier=reply.tier,
             large_tier=large,
@@ -95,22 +95,31 @@ async def apply_log_records(
             prompt=record.request.prompt,
         )
         if not decision.admit or not record.embedding:
-            counts["rejected"] += 1
+            batch.rejected += 1
             continue
         ex = example_from_log(record, now=now)
-        candidates[(ex.tenant, ex.example_id)] = (record, ex)
+        batch.candidates[(ex.tenant, ex.example_id)] = (record, ex)
+    return batch
 
-    keys = set(candidates) | set(uses)
+
+async def _existing(store: VectorStore, keys: set[Key]) -> dict[Key, Example]:
+    """Step 2: the bank's current entries for every key the batch touches, one read per tenant."""
     by_tenant: dict[str, list[str]] = {}
     for tenant, eid in keys:
         by_tenant.setdefault(tenant, []).append(eid)
-    existing: dict[tuple[str, str], Example] = {}
+    existing: dict[Key, Example] = {}
     for tenant, ids in by_tenant.items():
         for ex in await store.get(tenant, ids):
             existing[(tenant, ex.example_id)] = ex
+    return existing
 
-    writes: dict[tuple[str, str], Example] = {}
-    for key, (record, ex) in candidates.items():
+
+def _merge(
+    batch: _Batch, existing: Mapping[Key, Example], counts: dict[str, int], *, now: float
+) -> dict[Key, Example]:
+    """Step 3: the merge rules of the module docstring, for the admitted candidates."""
+    writes: dict[Key, Example] = {}
+    for key, (record, ex) in batch.candidates.items():
         old = existing.get(key)
         if record.origin == "import" or old is None:
             writes[key] = ex
@@ -124,15 +133,31 @@ async def apply_log_records(
                 updated_at=now,
             )
             counts["replaced"] += 1
-    for key, n in uses.items():
+    return writes
+
+
+def _credit(
+    batch: _Batch,
+    writes: dict[Key, Example],
+    existing: Mapping[Key, Example],
+    settings: Settings,
+    counts: dict[str, int],
+    *,
+    now: float,
+    state: DecisionState | None,
+) -> None:
+    """Step 4: offload credit and replay gain for every example a served request used."""
+    large = settings.tgi.large_tier
+    max_cost = max(b.cost for b in settings.tgi.backends)
+    cost = {b.tier: b.cost for b in settings.tgi.backends}.get(large, max_cost)
+    for key, n in batch.uses.items():
         base = writes.get(key) or existing.get(key)
         if base is None:
             continue  # evicted since it was selected
-        for _ in range(credits.get(key, 0)):
+        for _ in range(batch.credits.get(key, 0)):
             base = credit_offload(
                 base, success=True, now=now, decay_per_hour=settings.replay.value_decay_per_hour
             )
-        cost = tier_cost.get(large, max_cost)
         gain = base.gain
         for _ in range(n):
             gain = update_gain(
@@ -142,6 +167,26 @@ async def apply_log_records(
         counts["credited"] += 1
         if state is not None:
             state.replay_queue.push(key[0], key[1], gain)
+
+
+async def apply_log_records(
+    records: Sequence[LogRecord],
+    store: VectorStore,
+    settings: Settings,
+    *,
+    now: float,
+    state: DecisionState | None = None,
+) -> dict[str, int]:
+    """Apply a batch of log records to the store. Returns counts by what happened.
+
+    Steps: (1) tally admissions and uses, (2) read the entries they touch, (3) merge, (4) credit
+    offloads and update replay gains, (5) write everything that changed in one upsert.
+    """
+    batch = _tally(records, settings.tgi.large_tier, now=now)
+    counts = {"admitted": 0, "replaced": 0, "imported": 0, "credited": 0, "rejected": batch.rejected}
+    existing = await _existing(store, set(batch.candidates) | set(batch.uses))
+    writes = _merge(batch, existing, counts, now=now)
+    _credit(batch, writes, existing, settings, counts, now=now, state=state)
     if writes:
         await store.upsert(list(writes.values()))
     return counts

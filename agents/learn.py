@@ -22,9 +22,8 @@ import faust
 import numpy as np
 
 from agents.policy.retrieval import candidate_features
-from infra.protocols import Example, SearchHit
+from infra.protocols import SearchHit
 from infra.resources import Resources
-from streams.codecs import decode_vector
 from streams.records import FeedbackRecord, LogRecord, ModelUpdateRecord
 from streams.topology import Topics
 
@@ -39,23 +38,14 @@ _JOIN_WAIT_STEPS = 20  # up to 2 s for a request's log record to arrive after it
 def decision_from_log(record: LogRecord, dim: int, large_tier: str) -> RecentDecision | None:
     if record.route is None or not record.reply.ok:
         return None
-    query = decode_vector(record.embedding) if record.embedding else np.zeros(dim, dtype=np.float32)
+    # refs carry their similarity, so no cosine is computed: the query embedding is not needed
+    empty = np.zeros(dim, dtype=np.float32)
     now = record.logged_at or time.time()
     features = tuple(
         candidate_features(
-            query,
+            empty,
             record.request.prompt,
-            SearchHit(
-                example=Example(
-                    example_id=ref.example_id,
-                    tenant=record.request.tenant,
-                    request=ref.request,
-                    response=ref.response,
-                    embedding=np.zeros(dim, dtype=np.float32),
-                    model_tier=ref.model_tier,
-                ),
-                similarity=ref.similarity,
-            ),
+            SearchHit(example=ref.example(record.request.tenant, empty), similarity=ref.similarity),
             target_tier=record.route.tier,
             now=now,
             large_tier=large_tier,

@@ -1,8 +1,12 @@
-"""Stage 1 agent, ``prepare``: parse -> embed -> retrieve -> select, in batches.
+"""Stage 1 agent, ``prepare``: parse -> embed -> retrieve -> select -> send, in batches.
 
 Why batches: the embedding model is the only CPU-heavy step of the control plane and is about 3x
 cheaper per sentence at batch 16 than at batch 1 (docs/architecture.md). ``stream.take_events``
 collects up to ``embedding.batch_size`` requests or waits ``embedding.batch_window_s``.
+
+``prepare`` also computes the router's bandit context from the examples it selected (their real
+similarity, utility and quality) and ships it in the ``PreparedRecord``: ``serve`` routes on it
+without decoding the embedding or rebuilding examples from their wire form.
 
 Error policy:
     * ``BadInput`` (decode, schema, limits, tenant, reply topic) -> error reply + dead letter, go on.
@@ -11,11 +15,14 @@ Error policy:
     * anything else raises: faust's supervisor restarts the agent and the batch is re-read
       (its offsets were not committed).
 
-Ordering (reply-then-commit), per batch:
+Ordering (reply-then-commit), per batch; ``Preparer.handle_batch`` runs steps 1-5 in this order:
     1. parse every record; reject bad ones (each rejection awaited to the broker),
-    2. embed, retrieve and select for the valid ones,
-    3. send one PreparedRecord per request and await every delivery,
-    4. return to ``take_events``, which acks the batch's events so their offsets become committable.
+    2. embed the valid ones' prompts in one call,
+    3. retrieve candidates, one search per tenant,
+    4. select examples per request (pure) and build its PreparedRecord with the routing context,
+    5. send one PreparedRecord per request and await every delivery,
+then ``take_events`` acks the batch's events when the loop body returns, so their offsets become
+committable.
 """
 
 from __future__ import annotations
@@ -24,14 +31,16 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import cast
 
 import faust
 import numpy as np
 
-from agents.policy.retrieval import select_examples
+from agents.policy.retrieval import Selected, select_examples
+from agents.policy.routing import context_features
 from infra.errors import BadInput, DependencyUnavailable, UnknownReplyTopic
-from infra.protocols import SearchHit
+from infra.protocols import SearchHit, Vector
 from infra.resources import Resources
 from streams.codecs import encode_vector
 from streams.records import ExampleRef, PreparedRecord, RequestRecord, parse_request
@@ -49,6 +58,40 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1000.0, 3)
 
 
+@dataclass
+class _Batch:
+    """What steps 2-4 learn about the valid requests of one batch."""
+
+    requests: list[RequestRecord]
+    coordinates: list[Coordinates]
+    vectors: np.ndarray | None = None
+    hits: list[list[SearchHit]] = field(default_factory=list)
+    bypass: str = ""  # why selection was skipped for the whole batch ("" = it was not)
+    seconds: dict[str, float] = field(default_factory=dict)  # per stage, per request
+    now: float = 0.0  # unix seconds at selection, one value for the batch
+
+    def vector(self, i: int) -> Vector | None:
+        return self.vectors[i] if self.vectors is not None else None
+
+
+def _example_refs(selected: Sequence[Selected]) -> list[ExampleRef]:
+    """The wire form of the chosen examples, with every field the stage-2 features read."""
+    return [
+        ExampleRef(
+            example_id=s.example.example_id,
+            request=s.example.request,
+            response=s.example.response,
+            similarity=float(s.similarity),
+            utility=float(s.utility),
+            model_tier=s.example.model_tier,
+            quality=float(s.example.quality),
+            replay_rounds=int(s.example.replay_rounds),
+            created_at=float(s.example.created_at),
+        )
+        for s in selected
+    ]
+
+
 class Preparer:
     def __init__(self, app: faust.App, topics: Topics, res: Resources, state: DecisionState) -> None:
         self.app, self.topics, self.res, self.state = app, topics, res, state
@@ -56,77 +99,91 @@ class Preparer:
         self.default_reply = res.settings.topic("replies")
 
     async def handle_batch(self, events: Sequence[faust.EventT[bytes]]) -> None:
-        settings, metrics = self.res.settings, self.res.metrics
-        # 1. parse
+        """Steps 1-5 of the module docstring, for one batch of raw request events."""
         t0 = time.perf_counter()
+        valid = await self._parse(events)  # 1. parse
+        if not valid:
+            return
+        batch = _Batch(requests=[r for r, _ in valid], coordinates=[c for _, c in valid])
+        batch.seconds["parse"] = (time.perf_counter() - t0) / max(1, len(events))
+        await self._embed(batch)  # 2. embed
+        await self._retrieve(batch)  # 3. retrieve
+        batch.now = time.time()
+        prepared = [self._select(batch, i) for i in range(len(batch.requests))]  # 4. select
+        await self._send(prepared)  # 5. send
+
+    async def _parse(self, events: Sequence[faust.EventT[bytes]]) -> list[tuple[RequestRecord, Coordinates]]:
+        """1. The valid requests with their coordinates; every bad one is rejected (and awaited)."""
         valid: list[tuple[RequestRecord, Coordinates]] = []
         for event in events:
             coords = Coordinates.of(event)
             try:
-                request = parse_request(
-                    event.value, default_reply_topic=self.default_reply, limits=settings.limits
-                )
-                if request.reply_topic != self.default_reply and not await self.res.topic_directory.exists(
-                    request.reply_topic
-                ):
-                    raise UnknownReplyTopic(
-                        f"reply topic {request.reply_topic!r} does not exist; create it before sending "
-                        f"(EchoClient does this for private reply topics) or omit reply_topic"
-                    )
-                valid.append((request, coords))
+                valid.append((await self._parse_one(event.value), coords))
             except BadInput as exc:
                 await self.rejecter.reject(coords, event.value, exc)
-        if not valid:
-            return
-        parse_s = (time.perf_counter() - t0) / max(1, len(events))
-        requests = [r for r, _ in valid]
+        return valid
 
-        # 2. embed
-        bypass = ""
-        vectors: np.ndarray | None = None
-        t1 = time.perf_counter()
+    async def _parse_one(self, raw: bytes) -> RequestRecord:
+        request = parse_request(raw, default_reply_topic=self.default_reply, limits=self.res.settings.limits)
+        if request.reply_topic != self.default_reply and not await self.res.topic_directory.exists(
+            request.reply_topic
+        ):
+            raise UnknownReplyTopic(
+                f"reply topic {request.reply_topic!r} does not exist; create it before sending "
+                f"(EchoClient does this for private reply topics) or omit reply_topic"
+            )
+        return request
+
+    async def _embed(self, batch: _Batch) -> None:
+        """2. One embedding call for the batch; a missing or failing embedder bypasses selection."""
+        t = time.perf_counter()
         embedder = self.res.embedder
         if embedder is None:
-            bypass = "embedder_unavailable"
+            batch.bypass = "embedder_unavailable"
         else:
             try:
-                vectors = await embedder.embed([r.prompt for r in requests])
+                batch.vectors = await embedder.embed([r.prompt for r in batch.requests])
             except Exception:
-                log.exception("embedding failed for a batch of %d; serving without examples", len(requests))
-                bypass = "embedder_failed"
-        embed_s = time.perf_counter() - t1
+                log.exception(
+                    "embedding failed for a batch of %d; serving without examples", len(batch.requests)
+                )
+                batch.bypass = "embedder_failed"
+        batch.seconds["embed"] = time.perf_counter() - t
 
-        # 3. retrieve, per tenant (the store filters by tenant; no query ever spans tenants)
-        t2 = time.perf_counter()
-        hits: list[list[SearchHit]] = [[] for _ in requests]
+    async def _retrieve(self, batch: _Batch) -> None:
+        """3. Candidates per request, one search per tenant (no query ever spans tenants)."""
+        t = time.perf_counter()
+        batch.hits = [[] for _ in batch.requests]
         store = self.res.store
-        if vectors is not None and store is None:
-            bypass = "store_unavailable"
-        elif vectors is not None and store is not None:
+        if batch.vectors is not None and store is None:
+            batch.bypass = "store_unavailable"
+        elif batch.vectors is not None and store is not None:
             by_tenant: dict[str, list[int]] = defaultdict(list)
-            for i, r in enumerate(requests):
+            for i, r in enumerate(batch.requests):
                 by_tenant[r.tenant].append(i)
             try:
                 for tenant, rows in by_tenant.items():
-                    found = await store.search(tenant, vectors[rows], limit=settings.selection.top_k)
+                    found = await store.search(
+                        tenant, batch.vectors[rows], limit=self.res.settings.selection.top_k
+                    )
                     for row, row_hits in zip(rows, found, strict=True):
-                        hits[row] = row_hits
+                        batch.hits[row] = row_hits
             except DependencyUnavailable:
                 log.warning("vector store unavailable; serving this batch without examples", exc_info=True)
-                bypass = "store_failed"
-        retrieve_s = time.perf_counter() - t2
+                batch.bypass = "store_failed"
+        batch.seconds["retrieve"] = time.perf_counter() - t
 
-        # 4. select (pure), then send
-        now = time.time()
-        futures = []
-        for i, (request, coords) in enumerate(valid):
-            t3 = time.perf_counter()
-            examples: list[ExampleRef] = []
-            if vectors is not None and hits[i]:
-                result = select_examples(
-                    vectors[i],
+    def _select(self, batch: _Batch, i: int) -> PreparedRecord:
+        """4. Request ``i``'s examples (pure selection), its routing context and its record."""
+        t = time.perf_counter()
+        settings, request, vector = self.res.settings, batch.requests[i], batch.vector(i)
+        selected: list[Selected] = []
+        if vector is not None and batch.hits[i]:
+            selected = list(
+                select_examples(
+                    vector,
                     request.prompt,
-                    hits[i],
+                    batch.hits[i],
                     scorer=self.state.utility,
                     threshold=self.state.tuner.threshold,
                     max_examples=settings.selection.max_examples,
@@ -135,52 +192,45 @@ class Preparer:
                     diversity=settings.selection.diversity,
                     token_budget=self.state.token_budget,
                     target_tier="small",
-                    now=now,
+                    now=batch.now,
                     large_tier=settings.tgi.large_tier,
                     tenant=request.tenant,
-                )
-                examples = [
-                    ExampleRef(
-                        example_id=s.example.example_id,
-                        request=s.example.request,
-                        response=s.example.response,
-                        similarity=float(s.similarity),
-                        utility=float(s.utility),
-                        model_tier=s.example.model_tier,
-                    )
-                    for s in result.selected
-                ]
-            select_s = time.perf_counter() - t3
-            if vectors is not None:
-                metrics.cache_lookups.inc()
-                if examples:
-                    metrics.cache_hits.inc()
-            if bypass:
-                metrics.bypass.labels(bypass).inc()
-            metrics.examples_selected.observe(len(examples))
-            for stage, seconds in (
-                ("parse", parse_s),
-                ("embed", embed_s),
-                ("retrieve", retrieve_s),
-                ("select", select_s),
-            ):
-                metrics.observe_stage(stage, seconds)
-            prepared = PreparedRecord(
-                request=request,
-                embedding=encode_vector(vectors[i]) if vectors is not None else "",
-                examples=examples,
-                selection_bypassed=bypass,
-                timings_ms={
-                    "parse": _ms(parse_s),
-                    "embed": _ms(embed_s),
-                    "retrieve": _ms(retrieve_s),
-                    "select": _ms(select_s),
-                    "sent_at": time.time() * 1000.0,
-                },
-                source_partition=coords.partition,
-                source_offset=coords.offset,
+                ).selected
             )
-            futures.append(await self.topics.prepared.send(key=request.request_id, value=prepared))
+        query = vector if vector is not None else np.zeros(settings.milvus.dimension, dtype=np.float32)
+        context = context_features(query, selected, prompt_text=request.prompt)
+        seconds = {**batch.seconds, "select": time.perf_counter() - t}
+        self._count(vector is not None, len(selected), batch.bypass, seconds)
+        coords = batch.coordinates[i]
+        return PreparedRecord(
+            request=request,
+            embedding=encode_vector(vector) if vector is not None else "",
+            examples=_example_refs(selected),
+            selection_bypassed=batch.bypass,
+            timings_ms={k: _ms(v) for k, v in seconds.items()},
+            source_partition=coords.partition,
+            source_offset=coords.offset,
+            context=[float(x) for x in context],
+        )
+
+    def _count(self, searched: bool, n_examples: int, bypass: str, seconds: dict[str, float]) -> None:
+        metrics = self.res.metrics
+        if searched:
+            metrics.cache_lookups.inc()
+            if n_examples:
+                metrics.cache_hits.inc()
+        if bypass:
+            metrics.bypass.labels(bypass).inc()
+        metrics.examples_selected.observe(n_examples)
+        for stage, value in seconds.items():
+            metrics.observe_stage(stage, value)
+
+    async def _send(self, prepared: Sequence[PreparedRecord]) -> None:
+        """5. Send every record (stamped ``sent_at`` for serve's ``kafka_hop``), then await every delivery."""
+        futures = []
+        for record in prepared:
+            record.timings_ms["sent_at"] = time.time() * 1000.0
+            futures.append(await self.topics.prepared.send(key=record.request.request_id, value=record))
         for fut in futures:
             await fut
 

@@ -158,7 +158,6 @@ def register_replay(app: faust.App, topics: Topics, res: Resources, state: Decis
     if not res.settings.replay.enabled:
         return
     replayer = Replayer(topics, res, state)
-    res.replayer = replayer
 
     @app.timer(res.settings.replay.interval_s, name="echolm.replay")  # type: ignore[untyped-decorator]
     async def replay_tick() -> None:

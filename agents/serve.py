@@ -2,18 +2,24 @@
 
 Routing happens here, at dispatch time, not in ``prepare``: the queue depths it reads are then at
 most one probe interval old, instead of older by the time a record spent on the prepared topic.
+The bandit context it routes on comes computed in the ``PreparedRecord`` (``prepare`` has the
+selected examples' real similarity, utility and quality); the embedding is passed on, undecoded,
+to the log record.
 
-Error policy:
+Error policy (the decisions are ``agents.policy.dispatch.next_step``; this module does the I/O):
     * a retriable ``BackendError`` (429, 5xx, refused, timeout) -> the backend's circuit is told,
       the backend is excluded and the request re-routed, up to ``tgi.retries`` more times and
       never past the request's deadline;
-    * every backend tried once and time left -> a short backoff, then they are tried again (a
-      keep-alive connection closed under us or a 429 burst must not cost the request);
+    * every backend tried once and time left -> a short backoff (100 ms, doubling), then they are
+      tried again (a keep-alive connection closed under us or a 429 burst must not cost the request);
     * a non-retriable ``BackendError`` or nothing left to try -> an error reply (never silence),
       sent before the deadline: backends get the deadline minus a margin for the reply itself;
       ``deadline_exceeded`` when the deadline ran out during a generation, else ``no_backend_available``;
     * a router failure -> bypass: the least-loaded healthy backend (counted);
     * anything else raises (the supervisor restarts the actor; the offset was not committed).
+
+Every generation attempt is timed: ``echolm_stage_seconds{stage="generate"}`` observes each, the
+worker log has a line per attempt, and the log record lists them (``RouteInfo.generate_ms``).
 
 Ordering (reply-then-commit), per request:
     1. route, 2. generate (with retries), 3. send the reply and await delivery,
@@ -29,18 +35,28 @@ import itertools
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import faust
 import numpy as np
 
-from agents.policy.prompt import build_messages
+from agents.policy.dispatch import (
+    Attempt,
+    AttemptError,
+    Backoff,
+    GiveUp,
+    RetrySettings,
+    attempt_timeout,
+    next_step,
+)
+from agents.policy.prompt import build_chat
 from agents.policy.retrieval import Selected
 from agents.policy.routing import RouteDecision, choose_backend, context_features, fallback_decision
-from infra.errors import BackendError, BackendTimeout, NoBackendAvailable
-from infra.protocols import Example, Generation, GenerationParams, QueueDepth
+from infra.errors import BackendError, BackendTimeout, NoBackendAvailable, ServiceError
+from infra.protocols import Generation, GenerationParams, QueueDepth
 from infra.resources import Resources
 from streams.codecs import decode_vector
-from streams.records import ExampleRef, LogRecord, PreparedRecord, ReplyRecord, RouteInfo
+from streams.records import ExampleRef, LogRecord, PreparedRecord, ReplyRecord, RequestRecord, RouteInfo
 from streams.topology import Topics
 
 from .reject import Rejecter
@@ -51,28 +67,44 @@ __all__ = ["register_serve"]
 log = logging.getLogger(__name__)
 
 _REPLY_MARGIN_S = 1.0  # at most this much of a request's deadline is kept for sending its reply
-_RETRY_BACKOFF_S = 0.1  # pause before trying already-failed backends again (doubles per round)
-_MIN_ATTEMPT_S = 0.2  # an attempt with less time than this left is not started
 
 
-def _selected(refs: list[ExampleRef], dim: int) -> list[Selected]:
-    """Rebuild policy-level examples from wire refs (their embeddings are not needed downstream)."""
-    empty = np.zeros(dim, dtype=np.float32)
-    return [
-        Selected(
-            example=Example(
-                example_id=r.example_id,
-                tenant="",
-                request=r.request,
-                response=r.response,
-                embedding=empty,
-                model_tier=r.model_tier,
-            ),
-            similarity=r.similarity,
-            utility=r.utility,
-        )
-        for r in refs
-    ]
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 3)
+
+
+def routing_context(prepared: PreparedRecord, dim: int) -> np.ndarray:
+    """The bandit context ``prepare`` computed; for a v1 record (none shipped) it is recomputed from
+    the wire's examples, whose quality fields then hold the v1 defaults."""
+    if prepared.context:
+        return np.asarray(prepared.context, dtype=np.float64)
+    query = decode_vector(prepared.embedding) if prepared.embedding else np.zeros(dim, dtype=np.float32)
+    tenant = prepared.request.tenant
+    selected = [Selected(r.example(tenant, query), r.similarity, r.utility) for r in prepared.examples]
+    return context_features(query, selected, prompt_text=prepared.request.prompt)
+
+
+@dataclass
+class _Dispatch:
+    """One request's way through route -> generate: what ``next_step`` is told, and the timings."""
+
+    request: RequestRecord
+    examples: list[ExampleRef]
+    context: np.ndarray
+    reply_margin: float
+    attempt: Attempt = field(default_factory=Attempt)
+    error: AttemptError | None = None
+    last_exception: ServiceError | None = None
+    route_s: float = 0.0
+    generate_s: list[float] = field(default_factory=list)
+
+    def time_left(self) -> float | None:
+        """Seconds before the deadline's reply margin; None when the request has no deadline."""
+        deadline = self.request.deadline_at
+        return deadline - self.reply_margin - time.time() if deadline else None
+
+    def timings(self, timings: dict[str, float]) -> dict[str, float]:
+        return {**timings, "route": _ms(self.route_s), "generate": _ms(sum(self.generate_s))}
 
 
 class Server:
@@ -80,6 +112,7 @@ class Server:
         self.app, self.topics, self.res, self.state = app, topics, res, state
         self.rejecter = Rejecter(app, topics, res)
         self.large_tier = res.settings.tgi.large_tier
+        self.retry = RetrySettings(retries=res.settings.tgi.retries)
         # backend -> {attempt token: monotonic dispatch time} for generations in flight
         self._inflight: dict[str, dict[int, float]] = {}
         self._tokens = itertools.count()
@@ -127,158 +160,169 @@ class Server:
                 open_circuits=frozenset(open_circuits),
             )
 
-    def _time_left(self, deadline_at: float, reply_margin: float, needed_s: float) -> bool:
-        """Whether more than ``needed_s`` (plus a minimal attempt) remains before the reply margin."""
-        if not deadline_at:
-            return True
-        return deadline_at - reply_margin - time.time() > needed_s + _MIN_ATTEMPT_S
-
     async def handle(self, prepared: PreparedRecord) -> None:
-        s, metrics = self.res.settings, self.res.metrics
+        """Steps 1-5 of the module docstring for one prepared request."""
         request = prepared.request
         start_wall = time.time()
+        timings = self._arrival(prepared, start_wall)
+        if request.deadline_at and start_wall >= request.deadline_at:
+            await self._give_up(request, GiveUp("deadline_exceeded"), None, timings)
+            return
+        # Stop waiting on backends a little before the deadline, so the error reply (a produce and the
+        # client's fetch) reaches the client before the deadline, not just after it.
+        run = _Dispatch(
+            request=request,
+            examples=list(prepared.examples),
+            context=routing_context(prepared, self.res.settings.milvus.dimension),
+            reply_margin=min(_REPLY_MARGIN_S, 0.1 * max(0.0, request.deadline_at - start_wall)),
+        )
+        served = await self._dispatch(run)  # 1. route, 2. generate (with retries)
+        self.res.metrics.observe_stage("route", run.route_s)
+        if isinstance(served, GiveUp):
+            await self._give_up(request, served, run, run.timings(timings))
+            return
+        await self._emit(prepared, run, *served, run.timings(timings))  # 3. reply, 4. log
+
+    def _arrival(self, prepared: PreparedRecord, now_wall: float) -> dict[str, float]:
+        """The prepared record's timings, with the hop over the prepared topic (``kafka_hop``)."""
         timings = dict(prepared.timings_ms)
         sent_at = timings.pop("sent_at", None)
         if sent_at is not None:
-            timings["kafka_hop"] = round(max(0.0, start_wall * 1000.0 - sent_at), 3)
-            metrics.observe_stage("kafka_hop", timings["kafka_hop"] / 1000.0)
-        if request.deadline_at and start_wall >= request.deadline_at:
-            metrics.requests.labels("deadline_exceeded").inc()
-            await self.rejecter.error_reply(
-                request_id=request.request_id,
-                tenant=request.tenant,
-                reply_topic=request.reply_topic,
-                error="the request's deadline passed before a backend could take it; retry with a longer "
-                "deadline_s or add capacity",
-                code="deadline_exceeded",
-                timings_ms=timings,
-            )
-            return
+            timings["kafka_hop"] = round(max(0.0, now_wall * 1000.0 - sent_at), 3)
+            self.res.metrics.observe_stage("kafka_hop", timings["kafka_hop"] / 1000.0)
+        return timings
 
-        # Stop waiting on backends a little before the deadline, so the error reply (a produce and the
-        # client's fetch) reaches the client before the deadline, not just after it.
-        reply_margin = min(_REPLY_MARGIN_S, 0.1 * max(0.0, request.deadline_at - start_wall))
-
-        # 1. route
-        t_route = time.perf_counter()
-        vector = (
-            decode_vector(prepared.embedding)
-            if prepared.embedding
-            else np.zeros(s.milvus.dimension, dtype=np.float32)
-        )
-        selected = _selected(list(prepared.examples), s.milvus.dimension)
-        context = context_features(vector, selected, prompt_text=request.prompt)
-        exclude: set[str] = set()
-        generation: Generation | None = None
-        decision: RouteDecision | None = None
-        last_error: Exception | None = None
-        attempts = 0
-        route_s = 0.0
-        gen_t0 = time.perf_counter()
-        for attempt in range(s.tgi.retries + 1):
-            t_r = time.perf_counter()
+    async def _dispatch(self, run: _Dispatch) -> tuple[RouteDecision, Generation] | GiveUp:
+        """Ask ``next_step`` what to do until a generation succeeds or it gives up."""
+        while True:
+            step = next_step(run.attempt, run.error, run.time_left(), self.retry)
+            if isinstance(step, GiveUp):
+                return step
+            if isinstance(step, Backoff):
+                await asyncio.sleep(step.pause_s)
+                run.attempt, run.error = Attempt(run.attempt.generations), None
+                continue
+            run.attempt = Attempt(run.attempt.generations, step.exclude)
+            t = time.perf_counter()
             try:
-                decision = self.route(context, exclude, time.monotonic())
+                decision = self.route(run.context, set(step.exclude), time.monotonic())
             except NoBackendAvailable as exc:
-                # Every usable backend has failed this request once. With time left, wait a little and
-                # try them again (a keep-alive connection closed under us, a 429 burst, a restart)
-                # rather than answer an error the deadline did not force.
-                pause = _RETRY_BACKOFF_S * 2 ** max(0, attempt - 1)
-                if not exclude or not self._time_left(request.deadline_at, reply_margin, pause):
-                    last_error = exc
-                    break
-                await asyncio.sleep(pause)
-                exclude.clear()
-                try:
-                    decision = self.route(context, exclude, time.monotonic())
-                except NoBackendAvailable as again:
-                    last_error = again
-                    break
-            route_s += time.perf_counter() - (t_route if attempt == 0 else t_r)
-            # a half-open circuit admits one probe: claim it, so concurrent requests route elsewhere
-            self.state.breaker.record_attempt(decision.backend, time.monotonic())
-            metrics.route.labels(decision.backend, decision.reason[:32]).inc()
-            metrics.load_bias.set(decision.bias)
-            attempts += 1
-            # 2. generate
-            small = decision.tier != self.large_tier
-            messages = build_messages(s.tgi.system_prompt, selected if small else [], request.prompt)
-            generator = self.res.generators[decision.backend]
-            remaining = (
-                (request.deadline_at - reply_margin - time.time())
-                if request.deadline_at
-                else s.tgi.request_timeout_s
-            )
-            timeout = min(s.tgi.request_timeout_s, remaining)
-            if timeout <= 0:
-                last_error = BackendTimeout("deadline reached before generation", backend=decision.backend)
-                break
-            gen_t0 = time.perf_counter()
-            metrics.inflight.inc()
-            token = next(self._tokens)
-            self._inflight.setdefault(decision.backend, {})[token] = time.monotonic()
-            try:
-                generation = await asyncio.wait_for(
-                    generator.generate(messages, GenerationParams(max_new_tokens=request.max_new_tokens)),
-                    timeout=timeout,
-                )
-            except (TimeoutError, BackendError) as exc:
-                err = (
-                    exc
-                    if isinstance(exc, BackendError)
-                    else BackendTimeout(
-                        f"backend {decision.backend} did not answer within {timeout:.1f}s",
-                        backend=decision.backend,
-                    )
-                )
-                last_error = err
-                metrics.backend_errors.labels(decision.backend, err.code).inc()
-                self.state.breaker.record_failure(decision.backend, time.monotonic())
-                log.warning("backend %s failed (%s): %s", decision.backend, err.code, err)
-                if not err.retriable:
-                    break
-                exclude.add(decision.backend)
+                run.error, run.last_exception = AttemptError(code=exc.code), exc
                 continue
             finally:
-                metrics.inflight.dec()
-                self._inflight[decision.backend].pop(token, None)
-            self.state.breaker.record_success(decision.backend, time.monotonic())
-            break
-        generate_s = time.perf_counter() - gen_t0
-        timings["route"] = round(route_s * 1000.0, 3)
-        timings["generate"] = round(generate_s * 1000.0, 3)
-        metrics.observe_stage("route", route_s)
-
-        if generation is None or decision is None:
-            reason = f"{type(last_error).__name__}: {last_error}" if last_error else "no backend configured"
-            out_of_time = request.deadline_at > 0 and not self._time_left(
-                request.deadline_at, reply_margin, _RETRY_BACKOFF_S
+                run.route_s += time.perf_counter() - t
+            outcome = await self._generate(run, decision)
+            if not isinstance(outcome, BackendError):
+                return decision, outcome
+            run.last_exception = outcome
+            run.error = AttemptError(
+                code=outcome.code,
+                retriable=outcome.retriable,
+                timed_out=isinstance(outcome, BackendTimeout),
+                backend=decision.backend,
             )
-            if out_of_time and isinstance(last_error, BackendTimeout):
-                metrics.requests.labels("deadline_exceeded").inc()
-                code = "deadline_exceeded"
+
+    async def _generate(self, run: _Dispatch, decision: RouteDecision) -> Generation | BackendError:
+        """One generation on the routed backend, timed and counted; a failure is returned, not raised."""
+        s, metrics, backend = self.res.settings, self.res.metrics, decision.backend
+        timeout = attempt_timeout(run.time_left(), s.tgi.request_timeout_s)
+        if timeout <= 0:
+            return BackendTimeout("deadline reached before generation", backend=backend)
+        # a half-open circuit admits one probe: claim it, so concurrent requests route elsewhere
+        self.state.breaker.record_attempt(backend, time.monotonic())
+        metrics.route.labels(backend, decision.reason[:32]).inc()
+        metrics.load_bias.set(decision.bias)
+        run.attempt = Attempt(run.attempt.generations + 1, run.attempt.excluded)
+        small = decision.tier != self.large_tier
+        messages = build_chat(s.tgi.system_prompt, run.examples if small else [], run.request.prompt)
+        params = GenerationParams(max_new_tokens=run.request.max_new_tokens)
+        metrics.inflight.inc()
+        token = next(self._tokens)
+        self._inflight.setdefault(backend, {})[token] = time.monotonic()
+        t = time.perf_counter()
+        try:
+            generation = await asyncio.wait_for(
+                self.res.generators[backend].generate(messages, params), timeout=timeout
+            )
+        except (TimeoutError, BackendError) as exc:
+            err = (
+                exc
+                if isinstance(exc, BackendError)
+                else BackendTimeout(
+                    f"backend {backend} did not answer within {timeout:.1f}s", backend=backend
+                )
+            )
+            self._attempt_done(run, backend, time.perf_counter() - t, err)
+            return err
+        finally:
+            metrics.inflight.dec()
+            self._inflight[backend].pop(token, None)
+        self._attempt_done(run, backend, time.perf_counter() - t, None)
+        return generation
+
+    def _attempt_done(self, run: _Dispatch, backend: str, seconds: float, err: BackendError | None) -> None:
+        """Time one attempt (metrics, the worker log, the log record) and tell the backend's circuit."""
+        run.generate_s.append(seconds)
+        self.res.metrics.observe_stage("generate", seconds)
+        now = time.monotonic()
+        if err is None:
+            self.state.breaker.record_success(backend, now)
+            log.debug("attempt %d on %s answered in %.3fs", len(run.generate_s), backend, seconds)
+            return
+        self.res.metrics.backend_errors.labels(backend, err.code).inc()
+        self.state.breaker.record_failure(backend, now)
+        log.warning(
+            "attempt %d on %s failed after %.3fs (%s): %s",
+            len(run.generate_s),
+            backend,
+            seconds,
+            err.code,
+            err,
+        )
+
+    async def _give_up(
+        self, request: RequestRecord, step: GiveUp, run: _Dispatch | None, timings: dict[str, float]
+    ) -> None:
+        """An error reply, never silence (no log record: there is nothing to admit or learn from)."""
+        if run is None:
+            error = (
+                "the request's deadline passed before a backend could take it; retry with a longer "
+                "deadline_s or add capacity"
+            )
+        else:
+            exc = run.last_exception
+            reason = f"{type(exc).__name__}: {exc}" if exc is not None else "no backend configured"
+            tried = run.attempt.generations
+            if step.code == "deadline_exceeded":
                 error = (
                     f"the request's deadline passed while a backend was generating ({reason}); it was "
-                    f"tried on {attempts} backend(s). Retry with a longer deadline_s or add capacity"
+                    f"tried on {tried} backend(s). Retry with a longer deadline_s or add capacity"
                 )
             else:
-                metrics.requests.labels("no_backend").inc()
-                code = NoBackendAvailable.code
-                error = f"no backend could answer ({reason}); the request was tried on {attempts} backend(s)"
-            await self.rejecter.error_reply(
-                request_id=request.request_id,
-                tenant=request.tenant,
-                reply_topic=request.reply_topic,
-                error=error,
-                code=code,
-                timings_ms=timings,
-            )
-            return
-        metrics.observe_stage("generate", generate_s)
+                error = f"no backend could answer ({reason}); the request was tried on {tried} backend(s)"
+        outcome = "deadline_exceeded" if step.code == "deadline_exceeded" else "no_backend"
+        self.res.metrics.requests.labels(outcome).inc()
+        await self.rejecter.error_reply(
+            request_id=request.request_id,
+            tenant=request.tenant,
+            reply_topic=request.reply_topic,
+            error=error,
+            code=step.code,
+            timings_ms=timings,
+        )
 
-        # 3. reply
+    async def _emit(
+        self,
+        prepared: PreparedRecord,
+        run: _Dispatch,
+        decision: RouteDecision,
+        generation: Generation,
+        timings: dict[str, float],
+    ) -> None:
+        """3. the reply, then 4. the log record, each awaited to the broker."""
+        metrics, request = self.res.metrics, prepared.request
         t_emit = time.perf_counter()
-        used = selected if decision.tier != self.large_tier else []
+        used = run.examples if decision.tier != self.large_tier else []
         reply = ReplyRecord(
             request_id=request.request_id,
             tenant=request.tenant,
@@ -293,7 +337,6 @@ class Server:
         reply_topic = self.topics.reply_topic(self.app, request.reply_topic)
         reply_fut = await reply_topic.send(key=request.request_id, value=reply)
         await reply_fut
-        # 4. log
         route_info = RouteInfo(
             backend=decision.backend,
             tier=decision.tier,
@@ -303,14 +346,15 @@ class Server:
             queue_depths=dict(decision.queue_depths),
             reason=decision.reason,
             ask_feedback=decision.ask_feedback,
-            attempts=attempts,
+            attempts=run.attempt.generations,
             bias=decision.bias,
-            context=[float(x) for x in context],
+            context=[float(x) for x in run.context],
+            generate_ms=[_ms(x) for x in run.generate_s],
         )
         record = LogRecord(
             request=request,
             embedding=prepared.embedding,
-            examples=list(prepared.examples),
+            examples=run.examples,
             route=route_info,
             reply=reply,
             generated_tokens=generation.generated_tokens,
@@ -318,8 +362,7 @@ class Server:
         )
         log_fut = await self.topics.log.send(key=request.tenant, value=record)
         await log_fut
-        emit_s = time.perf_counter() - t_emit
-        metrics.observe_stage("emit", emit_s)
+        metrics.observe_stage("emit", time.perf_counter() - t_emit)
         metrics.observe_stage("total", time.time() - request.created_at)
         metrics.requests.labels("ok").inc()
         metrics.count_served(decision.tier, self.large_tier, len(used))

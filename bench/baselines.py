@@ -11,7 +11,7 @@
   for many thresholds (hit rate and modelled quality do not depend on timing), which gives the
   quality-vs-hit-rate curve the live run is one point of.
 * The load-blind router is echolm itself with ``routing.load_lambda = 0`` (a RouteLLM-style router:
-  a threshold on predicted quality that never looks at load); it runs in ``bench/fleet.py``.
+  a threshold on predicted quality that never looks at load); it runs in ``bench/fleet``.
 
 ``open_loop`` sends every request at its scheduled time whatever happened to earlier ones, and every
 latency counts from the scheduled time (no coordinated omission).

@@ -5,7 +5,7 @@
 
 Two tables, both written to ``bench/results/calibration.json``:
 
-**Service time** (``TierService``: the three numbers of ``infra.tgi_emulator.ServiceTimeModel``).
+**Service time** (``TierService``: the three numbers of ``devstack.tgi_emulator.ServiceTimeModel``).
 
 * GPU tiers come from ``bench/results/gpu-calibration-h100.json``, written by ``bench/gpu_calibrate.py``
   on the ``device`` tool's H100 (measured: prefill slope over 128-4096 tokens, decode step at batch 1,
@@ -35,6 +35,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from bench.hostfacts import host_facts, loadavg, metadata
 
 __all__ = [
     "CONDITIONS",
@@ -69,7 +71,7 @@ class TierService:
     source: str
 
     def emulator_args(self, time_scale: float = 1.0) -> list[str]:
-        """``python -m infra.tgi_dev --engine emulated`` arguments (times multiplied by ``time_scale``)."""
+        """``python -m devstack.tgi_dev --engine emulated`` arguments (times multiplied by ``time_scale``)."""
         return [
             "--prefill-ms-per-token",
             f"{self.prefill_ms_per_token * time_scale:.6f}",
@@ -244,7 +246,8 @@ def quality_model_from_selection(
     than ``min_n`` requests keeps ``fallback``'s value, and its source says so. Returns the model and,
     per cell, n, win rate and Wilson 95% interval.
     """
-    from agents.policy.scoring import outcomes, wilson_interval
+    from agents.policy.scoring import outcomes
+    from bench.stats import wilson_interval
 
     fallback = fallback or ASSUMED_QUALITY
     tie = float(result.get("preset", {}).get("tie", 0.02))
@@ -360,7 +363,7 @@ async def measure_server(
 async def _measure_dev_server(
     engine: Literal["llama", "emulated"], extra_args: Sequence[str], log_dir: Path, **kw: Any
 ) -> dict[str, float]:
-    from infra.tgi_dev import DevServerProcess
+    from devstack.tgi_dev import DevServerProcess
 
     server = DevServerProcess(
         port=0,
@@ -378,6 +381,7 @@ async def run_calibration(
     *, out: Path = CALIBRATION_JSON, dev_server: bool = True, log_dir: Path, progress: Any = print
 ) -> dict[str, Any]:
     """Measure the CPU dev server and check the emulator against every calibrated tier."""
+    started, load_start = time.time(), loadavg()
     log_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once per run, nothing else is waiting
     gpu = load_gpu_services()
     tiers: dict[str, Any] = {name: asdict(s) for name, s in gpu.items()}
@@ -416,7 +420,10 @@ async def run_calibration(
             max_batch_size=32,
         )
     quality = load_quality_model()
+    command = "echolm bench calibrate" + ("" if dev_server else " --skip-dev-server")
     result = {
+        **metadata("calibrate", command=command, started_at=started, wall_s=time.time() - started),
+        "machine": host_facts(loadavg_start=load_start, loadavg_end=loadavg()),
         "tiers": tiers,
         "emulator_check": checks,
         "quality_model": quality.table(),

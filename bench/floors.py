@@ -1,12 +1,9 @@
 """Floors: each pipeline component measured alone, on the same data and settings, in the same run.
 
-The overhead benchmark imports ``measure_floors`` and calls it between its load and its pipeline
-phases, with the stack, bank and settings the worker uses; ``stage_ratios`` then divides each stage
-of a pipeline phase by its floor. Standing alone, ``python -m bench.floors`` starts its own stack
-(broker, embedded Milvus server, instant emulated backends), loads a bank, builds the index as a
-phase of its own, and measures the floors and the Milvus search-parameter sweep:
-
-    python -m bench.floors --examples 100000 --output bench/results/floors-full.json
+The overhead benchmark (``python -m bench.overhead --floors``) calls ``measure_floors`` after its
+bank is loaded and indexed (a phase of its own) and before its pipeline phases, with the stack, bank
+and settings the worker uses; ``stage_ratios`` then divides each stage of a pipeline phase by its
+floor, and the end-to-end overhead by the sum of the floors.
 
 Floors (every one a p50/p99 over ``n`` calls, taken one at a time so nothing queues):
 
@@ -26,18 +23,11 @@ consistency level, and the output fields (all fields, no embedding, ids only).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import json
-import os
-import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Mapping, Sequence
-from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -123,7 +113,7 @@ async def kafka_floor(
     """Produce (acks=all) -> consume of one small record at a time on ``bootstrap``, ms."""
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-    from infra.localstack import create_topics
+    from infra.topics import create_topics
 
     topic = f"bench.floor.{uuid.uuid4().hex[:8]}"
     await create_topics(bootstrap, {topic: 1})
@@ -273,107 +263,3 @@ async def milvus_sweep(
         with contextlib.suppress(Exception):
             await client.close()
     return out
-
-
-# ------------------------------------------------------------------------------------ standalone run
-async def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Own stack and bank (the overhead bench's loader), the index as its own phase, then floors."""
-    from agents.policy.prompt import build_messages
-    from agents.policy.retrieval import Selected
-    from bench.overhead import (
-        INSTANT_BACKEND,
-        PRESETS,
-        cpu_delta,
-        cpu_snapshot,
-        preload,
-        question,
-        settle,
-        wait_for_index,
-    )
-    from infra.embedding import SentenceTransformerEmbedder
-    from infra.localstack import LocalStack
-    from infra.milvus import MilvusExampleStore
-    from infra.settings import load_settings, parse_overrides
-
-    tag = uuid.uuid4().hex[:8]
-    data_dir = Path(tempfile.mkdtemp(prefix="echolm-floors-"))
-    overrides = parse_overrides(args.set)
-    sections: dict[str, dict[str, Any]] = {
-        "milvus": {"collection": f"floors{tag}"},
-        "stack": {"data_dir": str(data_dir)},
-    }
-    for section, values in overrides.items():
-        sections[section] = {**sections.get(section, {}), **values}
-    base = load_settings(**sections)
-    preset = replace(PRESETS["full"], examples=args.examples, real=min(2_000, args.examples))
-    rng = np.random.default_rng(args.seed)
-    report: dict[str, Any] = {"examples": args.examples, "overrides": overrides, "loadavg": {}}
-    stack = LocalStack(base, milvus="server", ephemeral=True, data_dir=data_dir, backend_engine="emulated",
-                       backend_args=INSTANT_BACKEND)  # fmt: skip
-    began = time.perf_counter()
-    try:
-        await stack.start()
-        settings = stack.apply(base)
-        loader = SentenceTransformerEmbedder(settings.embedding.model_copy(update={"cache_size": 0}))
-        await loader.warmup()
-        c0, t0 = cpu_snapshot(), time.perf_counter()
-        _real, bank, timings = await preload(settings, loader, preset, rng)
-        timings["index"] = await asyncio.to_thread(wait_for_index, settings, args.examples, 600)
-        timings["milvus_settle"] = await asyncio.to_thread(settle, "milvus", 300)
-        timings["cpu"] = cpu_delta(c0, cpu_snapshot(), time.perf_counter() - t0)
-        report["load_and_index"] = timings
-        report["loadavg"]["after_index"] = os.getloadavg()
-        prompts = list(dict.fromkeys(question(rng) for _ in range(400)))[:200]
-        vectors = await loader.embed(prompts)
-        await loader.aclose()
-        if settings.embedding.backend == "onnx":
-            from infra.embedding_onnx import OnnxEmbedder
-
-            embedder: Embedder = OnnxEmbedder(settings.embedding)
-        else:
-            embedder = SentenceTransformerEmbedder(settings.embedding)
-        messages = build_messages(
-            settings.tgi.system_prompt, [Selected(e, 0.8, 0.6) for e in bank[:5]], prompts[0]
-        )
-        async with MilvusExampleStore(settings.milvus) as store:
-            await embedder.embed(["warmup"])
-            c0, t0 = cpu_snapshot(), time.perf_counter()
-            report["floors"] = await measure_floors(
-                settings, embedder=embedder, store=store, tenant="bench", texts=prompts, vectors=vectors,
-                messages=messages,
-            )  # fmt: skip
-            report["floors"]["cpu"] = cpu_delta(c0, cpu_snapshot(), time.perf_counter() - t0)
-        await embedder.aclose()
-        if args.sweep:
-            report["milvus_sweep"] = await milvus_sweep(
-                settings.milvus.uri,
-                settings.milvus.collection,
-                "bench",
-                vectors,
-                limit=settings.selection.top_k,
-            )
-        report["loadavg"]["end"] = os.getloadavg()
-    finally:
-        await stack.stop()
-        shutil.rmtree(data_dir, ignore_errors=True)
-        report["wall_s"] = round(time.perf_counter() - began, 1)
-    return report
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.floors", description=__doc__.split("\n")[0])
-    p.add_argument("--examples", type=int, default=100_000)
-    p.add_argument("--seed", type=int, default=7)
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    p.add_argument("--no-sweep", dest="sweep", action="store_false", help="skip the Milvus parameter sweep")
-    p.add_argument("--output", type=Path, default=Path(__file__).resolve().parent / "results" / "floors.json")
-    args = p.parse_args(argv)
-    report = asyncio.run(run(args))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    print(json.dumps({k: v for k, v in report.items() if k != "load_and_index"}, indent=1, default=str))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

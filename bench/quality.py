@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from agents.policy.scoring import bootstrap_ci, outcomes, reference_score, token_f1, wilson_interval
+from agents.policy.scoring import outcomes, reference_score, token_f1
+from bench.stats import bootstrap_ci, wilson_interval
 from infra.protocols import Embedder
 
 __all__ = ["ReferenceScorer", "Scored", "compare", "machine", "summarize"]

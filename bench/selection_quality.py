@@ -52,7 +52,8 @@ from agents.policy.retrieval import (
     select_examples,
 )
 from agents.scorers import ReferenceFreeScorer
-from bench.quality import ReferenceScorer, compare, machine, summarize
+from bench.hostfacts import host_facts as machine
+from bench.quality import ReferenceScorer, compare, summarize
 from bench.workloads import (
     ParaphraseGroup,
     Request,
@@ -61,11 +62,11 @@ from bench.workloads import (
     sample_groups,
     split_groups,
 )
+from devstack.tgi_dev import DevServerProcess
 from infra.embedding import SentenceTransformerEmbedder
 from infra.protocols import ChatMessage, Example, Generation, GenerationParams, SearchHit
 from infra.settings import BackendSettings, EmbeddingSettings, SelectionSettings
 from infra.tgi import TGIGenerator
-from infra.tgi_dev import DevServerProcess
 
 T = TypeVar("T")
 

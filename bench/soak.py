@@ -5,8 +5,8 @@
     python -m bench.soak --workers 2 --burst-x 6
 
 What runs: a Tansu broker, the embedded Milvus server and two dev TGI servers on the *emulated*
-engine (``infra.tgi_emulator``: default service-time model, continuous batching up to 16), all from
-``infra.localstack.LocalStack``, plus ``--workers`` real ``echolm worker`` subprocesses (MiniLM, every
+engine (``devstack.tgi_emulator``: default service-time model, continuous batching up to 16), all from
+``devstack.localstack.LocalStack``, plus ``--workers`` real ``echolm worker`` subprocesses (MiniLM, every
 agent). This process is the client (``EchoClient``, open loop: requests go out on schedule whether or
 not replies came back) and the observer. Every ``--sample-s`` it records:
 
@@ -29,8 +29,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
-import platform
 import shlex
 import statistics
 import sys
@@ -41,6 +39,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from bench.hostfacts import host_facts, loadavg, metadata
+from bench.stats import percentile
 
 __all__ = ["SoakConfig", "main", "run_soak"]
 
@@ -88,28 +89,6 @@ class _Tally:
     errors: dict[str, int] = field(default_factory=dict)
 
 
-def machine() -> dict[str, Any]:
-    model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    mem_gib = 0.0
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem_gib = round(int(line.split()[1]) / 1024 / 1024, 1)
-    return {
-        "cpus": os.cpu_count(),
-        "cpu_model": model,
-        "mem_gib": mem_gib,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "load_avg_at_start": [round(x, 2) for x in os.getloadavg()],
-    }
-
-
 def rss_mb(pid: int) -> float | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -138,13 +117,6 @@ async def group_lag(settings: Any, admin: Any, consumer: Any) -> dict[str, int]:
     return lag
 
 
-def _percentile(values: Sequence[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 4)
-
-
 async def run_soak(
     config: SoakConfig,
     *,
@@ -155,11 +127,11 @@ async def run_soak(
     from aiokafka import AIOKafkaConsumer
     from aiokafka.admin import AIOKafkaAdminClient
 
+    from devstack.localstack import LocalStack
+    from devstack.workers import WorkerProcess
     from echolm.client import EchoClient
     from infra.kafka import kafka_client_kwargs, kafka_consumer_kwargs
-    from infra.localstack import LocalStack
     from infra.settings import load_settings
-    from infra.workers import WorkerProcess
     from streams.topology import topic_specs
 
     tag = uuid.uuid4().hex[:6]
@@ -177,7 +149,7 @@ async def run_soak(
     for section, values in (overrides or {}).items():
         sections[section] = {**sections.get(section, {}), **values}
     settings = load_settings(**sections)
-    began = time.monotonic()
+    began, started, load_start = time.monotonic(), time.time(), loadavg()
     stack = LocalStack(
         settings,
         milvus="server",
@@ -308,19 +280,18 @@ async def run_soak(
     latency = {
         phase: {
             "n": len(values),
-            "p50_s": _percentile(values, 0.5),
-            "p99_s": _percentile(values, 0.99),
+            "p50_s": round(percentile(values, 50, method="nearest"), 4) if values else None,
+            "p99_s": round(percentile(values, 99, method="nearest"), 4) if values else None,
             "mean_s": round(statistics.fmean(values), 4) if values else None,
         }
         for phase, values in tally.latencies.items()
     }
     result: dict[str, Any] = {
-        "benchmark": "soak",
-        "command": command,
-        "machine": machine(),
+        **metadata("soak", command=command, started_at=started, wall_s=round(time.monotonic() - began, 1)),
+        "machine": host_facts(loadavg_start=load_start, loadavg_end=loadavg()),
         "config": config.__dict__,
         "overrides": overrides or {},
-        "backends": "emulated (infra.tgi_emulator default service-time model, --max-batch-size 16)",
+        "backends": "emulated (devstack.tgi_emulator default service-time model, --max-batch-size 16)",
         "phases_s": phases,
         "sent": len(tally.sent),
         "answered": tally.answered,
@@ -333,7 +304,6 @@ async def run_soak(
         "latency": latency,
         "verdict": verdict,
         "passed": all(verdict.values()),
-        "wall_s": round(time.monotonic() - began, 1),
         "samples": samples,
     }
     return result

@@ -26,8 +26,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
+import shlex
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -37,10 +38,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from infra.localstack import MilvusServer, TansuBroker, free_port
+from bench.hostfacts import host_facts, loadavg, metadata
+from bench.stats import percentile
+from devstack.localstack import MilvusServer, TansuBroker, free_port
 from infra.milvus import MilvusExampleStore
 from infra.protocols import Example
 from infra.settings import MilvusSettings
+
+__all__ = ["bench_backend", "bench_broker", "main", "percentiles"]
 
 DIM = 384
 TENANT = "bench"
@@ -54,11 +59,10 @@ def clustered(n: int, rng: np.random.Generator, centres: npt.NDArray[np.float32]
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:
-    ordered = sorted(samples)
     return {
-        "p50_ms": round(1000 * ordered[len(ordered) // 2], 2),
-        "p99_ms": round(1000 * ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))], 2),
-        "mean_ms": round(1000 * statistics.fmean(ordered), 2),
+        "p50_ms": round(1000 * percentile(samples, 50, method="nearest"), 2),
+        "p99_ms": round(1000 * percentile(samples, 99, method="nearest"), 2),
+        "mean_ms": round(1000 * statistics.fmean(samples), 2),
     }
 
 
@@ -204,7 +208,13 @@ async def bench_backend(
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     rng = np.random.default_rng(7)
     tmp = Path(tempfile.mkdtemp(prefix="stack-timings-"))
-    report: dict[str, Any] = {"load_average_at_start": os.getloadavg(), "broker": await bench_broker(tmp)}
+    command = shlex.join(["python", "-m", "bench.stack_timings", *args.argv])
+    report: dict[str, Any] = {
+        **metadata("stack-timings", command=command, started_at=time.time(), wall_s=None),
+        "machine": host_facts(loadavg_start=loadavg()),
+    }
+    began = time.perf_counter()
+    report["broker"] = await bench_broker(tmp)
     print(f"broker: {report['broker']}", flush=True)
     lite_open = time.perf_counter()
     lite = MilvusExampleStore(MilvusSettings(uri=str(tmp / "open.db"), dimension=DIM, collection="open"))
@@ -232,6 +242,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             report["lite-FLAT"] = await bench_backend(
                 "lite-FLAT", str(tmp / "bench-flat.db"), "FLAT", args.sizes, args.queries, rng
             )
+    report["wall_s"] = round(time.perf_counter() - began, 1)
+    report["machine"]["loadavg_end"] = loadavg()
     return report
 
 
@@ -243,8 +255,8 @@ if __name__ == "__main__":
                         choices=["server", "lite", "lite-flat"])  # fmt: skip
     parser.add_argument("--out", type=Path, default=None)
     arguments = parser.parse_args()
+    arguments.argv = sys.argv[1:]
     results = asyncio.run(main(arguments))
-    results["load_average_at_end"] = os.getloadavg()
     text = json.dumps(results, indent=2)
     if arguments.out:
         arguments.out.write_text(text + "\n")

@@ -19,14 +19,18 @@ from collections.abc import Awaitable, Callable
 
 import httpx
 
+from bench.stats import percentile
+from devstack.tgi_dev import DevServerProcess
 from infra.protocols import ChatMessage, GenerationParams
 from infra.settings import BackendSettings
 from infra.tgi import TGIGenerator, TGIQueueProbe, parse_queue_gauges
-from infra.tgi_dev import DevServerProcess
 
 _counter = itertools.count()
 STORY = "Write a long story about a lighthouse keeper and the sea."  # chat: long answers
 OPENING = "Once upon a time, in a small village by the sea, there lived"  # completion: long continuations
+
+
+__all__ = ["main", "summary"]
 
 
 def fresh(text: str) -> str:
@@ -43,9 +47,8 @@ async def timed(n: int, call: Callable[[], Awaitable[object]]) -> list[float]:
 
 
 def summary(samples: list[float], scale: float = 1000.0) -> str:
-    ordered = sorted(samples)
-    p90 = ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
-    return f"{statistics.median(ordered) * scale:.1f} (p90 {p90 * scale:.1f})"
+    p50, p90 = percentile(samples, 50), percentile(samples, 90, method="nearest")
+    return f"{p50 * scale:.1f} (p90 {p90 * scale:.1f})"
 
 
 async def main() -> None:

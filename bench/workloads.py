@@ -172,32 +172,40 @@ def load_contradish_groups(root: Path | None = None) -> list[ParaphraseGroup]:
     folder = root if root is not None else _contradish_root()
     merged: dict[str, tuple[str, list[str]]] = {}
     for path in sorted(folder.glob("*/*.json")):
-        data = json.loads(path.read_text(encoding="utf-8"))
-        cases = data.get("cases") if isinstance(data, dict) else None
-        if not isinstance(cases, list):
-            continue
-        domain = str(data.get("policy") or data.get("domain") or path.stem)
-        for case in cases:
-            original, rewordings = case.get("original"), case.get("adversarial")
-            if not isinstance(original, str) or not isinstance(rewordings, list):
-                continue
-            texts = merged.setdefault(str(case["id"]), (domain, []))[1]
-            for text in (original, *rewordings):
-                if isinstance(text, str) and text.strip() and text not in texts:
-                    texts.append(text)
+        _merge_contradish_file(path, merged)
     owner: set[str] = set()
     groups = []
     for group_id in sorted(merged):
         domain, texts = merged[group_id]
-        kept = []
-        for text in texts:
-            key = _norm(text)
-            if key not in owner:  # a text shared with an earlier group stays there only
-                owner.add(key)
-                kept.append(text)
-        if kept:
+        kept = [text for text in texts if _claim(owner, _norm(text))]
+        if kept:  # a text shared with an earlier group stays there only
             groups.append(ParaphraseGroup(group_id, "contradish", domain, tuple(kept)))
     return groups
+
+
+def _merge_contradish_file(path: Path, merged: dict[str, tuple[str, list[str]]]) -> None:
+    """Add one benchmark file's (original, adversarial rewordings) cases to ``merged`` by case id."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    cases = data.get("cases") if isinstance(data, dict) else None
+    if not isinstance(cases, list):
+        return
+    domain = str(data.get("policy") or data.get("domain") or path.stem)
+    for case in cases:
+        original, rewordings = case.get("original"), case.get("adversarial")
+        if not isinstance(original, str) or not isinstance(rewordings, list):
+            continue
+        texts = merged.setdefault(str(case["id"]), (domain, []))[1]
+        for text in (original, *rewordings):
+            if isinstance(text, str) and text.strip() and text not in texts:
+                texts.append(text)
+
+
+def _claim(owner: set[str], key: str) -> bool:
+    """True the first time ``key`` is seen (and remember it)."""
+    if key in owner:
+        return False
+    owner.add(key)
+    return True
 
 
 # ---------------------------------------------------------------------------------------- sharegpt
@@ -220,44 +228,58 @@ def iter_sharegpt(
     then closed here; a stream passed in is left open).
     """
     source = _open_sharegpt() if stream is None else stream
-    text = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a split multi-byte char waits
-    decoder = json.JSONDecoder()
-    buffer, pos, eof, opened = "", 0, False, False
-
-    def fill() -> None:
-        nonlocal buffer, pos, eof
-        chunk = source.read(chunk_bytes)
-        eof = not chunk
-        buffer, pos = buffer[pos:] + text.decode(chunk, final=eof), 0
-
     try:
-        while True:
-            while pos < len(buffer) and buffer[pos] in " \t\r\n,":
-                pos += 1
-            if pos >= len(buffer):
-                if eof:
-                    return
-                fill()
-                continue
-            if not opened:
-                if buffer[pos] != "[":
-                    raise ValueError("the ShareGPT file is not a JSON array")
-                opened, pos = True, pos + 1
-                continue
-            if buffer[pos] == "]":
-                return
-            try:
-                item, pos = decoder.raw_decode(buffer, pos)
-            except json.JSONDecodeError:
-                if eof:
-                    return  # truncated: the last object is incomplete
-                fill()
-                continue
-            if isinstance(item, dict):
-                yield item
+        yield from _ArrayReader(source, chunk_bytes)
     finally:
         if stream is None:
             source.close()
+
+
+class _ArrayReader:
+    """Iterates the complete top-level objects of a JSON array read ``chunk_bytes`` at a time."""
+
+    def __init__(self, source: IO[bytes], chunk_bytes: int) -> None:
+        self._source, self._chunk_bytes = source, chunk_bytes
+        self._text = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a split char waits
+        self._decoder = json.JSONDecoder()
+        self._buffer, self._pos, self._eof, self._opened = "", 0, False, False
+
+    def _fill(self) -> None:
+        chunk = self._source.read(self._chunk_bytes)
+        self._eof = not chunk
+        self._buffer = self._buffer[self._pos :] + self._text.decode(chunk, final=self._eof)
+        self._pos = 0
+
+    def _skip_separators(self) -> bool:
+        """Advance past whitespace and commas; False once the input is exhausted."""
+        while True:
+            while self._pos < len(self._buffer) and self._buffer[self._pos] in " \t\r\n,":
+                self._pos += 1
+            if self._pos < len(self._buffer):
+                return True
+            if self._eof:
+                return False
+            self._fill()
+
+    def __iter__(self) -> Iterator[dict[str, object]]:
+        while self._skip_separators():
+            char = self._buffer[self._pos]
+            if not self._opened:
+                if char != "[":
+                    raise ValueError("the ShareGPT file is not a JSON array")
+                self._opened, self._pos = True, self._pos + 1
+                continue
+            if char == "]":
+                return
+            try:
+                item, self._pos = self._decoder.raw_decode(self._buffer, self._pos)
+            except json.JSONDecodeError:
+                if self._eof:
+                    return  # truncated: the last object is incomplete
+                self._fill()
+                continue
+            if isinstance(item, dict):
+                yield item
 
 
 def load_sharegpt_groups(

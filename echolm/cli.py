@@ -18,10 +18,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 
@@ -141,7 +142,7 @@ def cmd_feedback(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_topics(settings: Settings, args: argparse.Namespace) -> int:
-    from infra.localstack import create_topics
+    from infra.topics import create_topics
     from streams.topology import topic_specs
 
     specs = topic_specs(settings)
@@ -173,15 +174,17 @@ def cmd_config(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_main(argv: Sequence[str]) -> int:
-    import importlib
-
-    # Imported by name: bench/ is not among mypy's strict packages, and bench's heavy imports stay lazy.
-    return int(importlib.import_module("bench.cli").main(list(argv)))
+def _bench_main(argv: Sequence[str]) -> NoReturn:
+    """``echolm bench ARGS`` becomes ``python -m bench.cli ARGS`` in this same process (exec): the
+    runtime never imports bench (bench sits above it), and signals, exit codes and the terminal are
+    the benchmark's own, as when it ran in-process."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "bench.cli", *argv])  # noqa: S606 - our interpreter
 
 
 def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
-    return _bench_main(args.bench_args)
+    _bench_main(args.bench_args)
 
 
 # ----------------------------------------------------------------------------------------- parser

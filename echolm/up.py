@@ -17,9 +17,7 @@ import time
 import uuid
 from typing import Literal
 
-from infra.localstack import LocalStack
 from infra.settings import Settings
-from infra.workers import WorkerProcess
 from streams.topology import topic_specs
 
 from .client import EchoClient
@@ -65,6 +63,10 @@ async def _up(
     workers: int,
     milvus: Literal["server", "lite"] | None,
 ) -> int:
+    # Development-only: imported here, so importing echolm never loads devstack.
+    from devstack.localstack import LocalStack
+    from devstack.workers import WorkerProcess
+
     stack = LocalStack(
         settings, milvus=milvus or settings.stack.milvus, topics=topic_specs(settings), progress=_say
     )

@@ -19,7 +19,8 @@ import faust
 from infra.metrics import serve_metrics
 from infra.resources import Resources
 from infra.settings import Settings
-from streams.app import build_app
+
+from .app import build_app
 
 __all__ = ["DrainingWorker", "run_worker"]
 
@@ -62,11 +63,11 @@ def run_worker(settings: Settings, *, role: str | None = None) -> int:
         import uvloop  # the 'uvloop' extra; faust's worker creates its loop from the policy
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    app, _topics, resources = build_app(settings)
-    serve_metrics(resources.metrics, settings.worker.metrics_port)
+    built = build_app(settings)
+    serve_metrics(built.resources.metrics, settings.worker.metrics_port)
     worker = DrainingWorker(
-        app,
-        resources,
+        built.app,
+        built.resources,
         settings.worker.shutdown_grace_s,
         loglevel=settings.worker.log_level.lower(),
         override_logging=False,

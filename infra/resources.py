@@ -20,7 +20,6 @@ import socket
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
-from typing import Any
 
 from mode import Service
 
@@ -102,7 +101,6 @@ class Resources(Service):
         *,
         factories: AdapterFactories | None = None,
         metrics: Metrics | None = None,
-        **kwargs: Any,
     ) -> None:
         self.settings = settings
         self.factories = factories or default_factories()
@@ -111,12 +109,10 @@ class Resources(Service):
         self._state = _State()
         self._stack = AsyncExitStack()
         self.ready = asyncio.Event()
-        self.decision_state: Any = None  # agents.state.DecisionState, set by register_agents
         self.topic_directory = TopicDirectory(kafka_client_kwargs(settings))
         self.inflight = 0  # requests taken from a topic and not yet answered (for graceful drain)
-        self.replayer: Any = None  # agents.replay.Replayer, set when replay is registered
         self._retry_task: asyncio.Task[None] | None = None
-        super().__init__(**kwargs)
+        super().__init__()
 
     # -- accessors -------------------------------------------------------------------------------
     @property

@@ -1,4 +1,4 @@
-"""The faust app factory. Nothing is built at import: ``build_app(settings)`` returns a fresh app.
+"""The faust app factory. Nothing is built at import: ``build_faust_app(settings)`` returns a fresh app.
 
 Topology (see streams/topology.py and docs/architecture.md)::
 
@@ -14,25 +14,21 @@ from __future__ import annotations
 import faust
 
 from infra.kafka import kafka_credentials
-from infra.metrics import Metrics
-from infra.resources import AdapterFactories, Resources
 from infra.settings import Settings
 
 from .codecs import ORJSON_CODEC, register_codecs
 from .topology import Topics, declare_topics
 from .transport import install_fetch_wait
 
-__all__ = ["build_app"]
+__all__ = ["build_faust_app"]
 
 
-def build_app(
-    settings: Settings,
-    *,
-    factories: AdapterFactories | None = None,
-    metrics: Metrics | None = None,
-    agents: tuple[str, ...] | None = None,
-) -> tuple[faust.App, Topics, Resources]:
-    """Build the worker app. ``agents`` limits which agents register (default: by ``worker.role``)."""
+def build_faust_app(settings: Settings) -> tuple[faust.App, Topics]:
+    """A fresh faust app with our codecs, consumer fetch wait and topics; no agents, no adapters.
+
+    The worker's composition root, ``echolm.app.build_app``, adds the adapters (``Resources``) and
+    registers the agents: streams sits below agents and never imports them.
+    """
     register_codecs()
     k, w = settings.kafka, settings.worker
     app = faust.App(
@@ -56,12 +52,4 @@ def build_app(
         loghandlers=[],
     )
     install_fetch_wait(app, k.fetch_max_wait_ms)
-    topics = declare_topics(app, settings)
-    resources = Resources(settings, factories=factories, metrics=metrics, loop=None)
-    # faust annotates ``service`` for a class, but also starts an instance (App._prepare_subservice)
-    app.service(resources)  # type: ignore[arg-type]
-
-    from agents import register_agents  # agents import streams; import here to keep the order explicit
-
-    register_agents(app, topics, resources, only=agents)
-    return app, topics, resources
+    return app, declare_topics(app, settings)

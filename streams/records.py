@@ -22,11 +22,14 @@ import faust
 import orjson
 
 from infra.errors import DecodeError, ForbiddenReplyTopic, LimitExceeded, SchemaError, UnknownTenant
+from infra.protocols import Example, Vector
 from infra.settings import LimitsSettings
 
 from .codecs import ORJSON_CODEC
 
 __all__ = [
+    "LOG_VERSION",
+    "PREPARED_VERSION",
     "DeadLetterRecord",
     "ErrorInfo",
     "ExampleRef",
@@ -75,7 +78,12 @@ class RequestRecord(faust.Record, namespace="echolm.Request.v1", serializer=ORJS
 
 
 class ExampleRef(faust.Record, namespace="echolm.ExampleRef.v1", serializer=ORJSON_CODEC):
-    """An example chosen for a request: enough to prepend it and to credit it later."""
+    """An example chosen for a request: enough to prepend it, to credit it later, and to rebuild the
+    stage-2 features it was scored on (``quality``, ``replay_rounds``, ``created_at``).
+
+    The last three came with Prepared/Log v2; a v1 record decodes with the values the v1 readers
+    assumed (quality 0.5, no replays, age unknown).
+    """
 
     example_id: str
     request: str
@@ -83,10 +91,36 @@ class ExampleRef(faust.Record, namespace="echolm.ExampleRef.v1", serializer=ORJS
     similarity: float
     utility: float
     model_tier: str = "large"
+    quality: float = 0.5
+    replay_rounds: int = 0
+    created_at: float = 0.0
+
+    def example(self, tenant: str, embedding: Vector) -> Example:
+        """The policy-level example this ref stands for (the bank's embedding does not travel)."""
+        return Example(
+            example_id=self.example_id,
+            tenant=tenant,
+            request=self.request,
+            response=self.response,
+            embedding=embedding,
+            model_tier=self.model_tier,
+            quality=self.quality,
+            replay_rounds=self.replay_rounds,
+            created_at=self.created_at,
+        )
+
+
+PREPARED_VERSION = 2  # v2: ``context`` and the examples' quality fields; v1 records still decode
 
 
 class PreparedRecord(faust.Record, namespace="echolm.Prepared.v1", serializer=ORJSON_CODEC):
-    """A request after embed -> retrieve -> select, on its way to route -> generate."""
+    """A request after embed -> retrieve -> select, on its way to route -> generate.
+
+    ``context`` is the router's bandit context (``agents.policy.bandit.CONTEXT_NAMES``), computed by
+    ``prepare`` from the examples it selected, so ``serve`` routes on their real similarity, utility
+    and quality. ``embedding`` only travels on to the log record (``admit`` turns it into the bank's
+    row); ``serve`` does not decode it. Empty ``context``: a v1 record (``serve`` recomputes it).
+    """
 
     request: RequestRecord
     embedding: str  # streams.codecs.encode_vector
@@ -95,7 +129,8 @@ class PreparedRecord(faust.Record, namespace="echolm.Prepared.v1", serializer=OR
     timings_ms: dict[str, float] = {}  # noqa: RUF012 - faust copies defaults per instance
     source_offset: int = -1
     source_partition: int = -1
-    version: int = SCHEMA_VERSION
+    version: int = PREPARED_VERSION
+    context: list[float] = []  # noqa: RUF012
 
 
 class ErrorInfo(faust.Record, namespace="echolm.ErrorInfo.v1", serializer=ORJSON_CODEC):
@@ -129,10 +164,17 @@ class RouteInfo(faust.Record, namespace="echolm.RouteInfo.v1", serializer=ORJSON
     attempts: int = 1
     bias: float = 0.0  # load-driven bias away from costly tiers
     context: list[float] = []  # noqa: RUF012 - the bandit context the decision used (for feedback joins)
+    generate_ms: list[float] = []  # noqa: RUF012 - each generation's duration, failed ones included
+
+
+LOG_VERSION = 2  # v2: the examples' quality fields and ``route.generate_ms``; v1 records still decode
 
 
 class LogRecord(faust.Record, namespace="echolm.Log.v1", serializer=ORJSON_CODEC):
-    """Everything about one served request: the source of truth the example bank is a view of."""
+    """Everything about one served request: the source of truth the example bank is a view of.
+
+    ``embedding`` (``streams.codecs.encode_vector``) is decoded by ``admit`` alone, for the bank row.
+    """
 
     request: RequestRecord
     embedding: str
@@ -144,7 +186,7 @@ class LogRecord(faust.Record, namespace="echolm.Log.v1", serializer=ORJSON_CODEC
     origin: str = "serve"  # serve | replay | import
     quality: float = -1.0  # scorer's estimate of reply quality in [0, 1]; -1 = not scored
     replay_rounds: int = 0
-    version: int = SCHEMA_VERSION
+    version: int = LOG_VERSION
 
 
 class FeedbackRecord(faust.Record, namespace="echolm.Feedback.v1", serializer=ORJSON_CODEC):

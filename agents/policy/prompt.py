@@ -23,6 +23,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections.abc import Sequence
+from typing import Protocol
 
 from agents.policy.retrieval import Selected
 from infra.protocols import ChatMessage
@@ -31,6 +32,8 @@ __all__ = [
     "CONTROL_TOKEN_PATTERNS",
     "EXAMPLES_NOTE",
     "MAX_EXAMPLE_CHARS",
+    "ExampleText",
+    "build_chat",
     "build_messages",
     "sanitize_example_text",
     "sanitize_prompt",
@@ -128,9 +131,32 @@ def sanitize_example_text(text: str, *, max_chars: int = MAX_EXAMPLE_CHARS) -> s
     return _truncate(text.strip(), max_chars)
 
 
+class ExampleText(Protocol):
+    """Anything with an example's two texts: ``infra.protocols.Example``, the wire's ``ExampleRef``."""
+
+    @property
+    def request(self) -> str: ...
+
+    @property
+    def response(self) -> str: ...
+
+
 def build_messages(
     system_prompt: str,
     examples: Sequence[Selected],
+    prompt: str,
+    *,
+    max_example_chars: int = MAX_EXAMPLE_CHARS,
+) -> list[ChatMessage]:
+    """``build_chat`` for selected examples (``select_examples``'s output)."""
+    return build_chat(
+        system_prompt, [s.example for s in examples], prompt, max_example_chars=max_example_chars
+    )
+
+
+def build_chat(
+    system_prompt: str,
+    examples: Sequence[ExampleText],
     prompt: str,
     *,
     max_example_chars: int = MAX_EXAMPLE_CHARS,
@@ -141,9 +167,9 @@ def build_messages(
     response is empty after sanitising is left out. The system prompt is ours and is not sanitised.
     """
     pairs: list[tuple[str, str]] = []
-    for selected in examples:
-        request = sanitize_example_text(selected.example.request, max_chars=max_example_chars)
-        response = sanitize_example_text(selected.example.response, max_chars=max_example_chars)
+    for example in examples:
+        request = sanitize_example_text(example.request, max_chars=max_example_chars)
+        response = sanitize_example_text(example.response, max_chars=max_example_chars)
         if request and response:
             pairs.append((request, response))
     system = f"{system_prompt.rstrip()}\n\n{EXAMPLES_NOTE}" if pairs else system_prompt

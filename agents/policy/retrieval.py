@@ -136,26 +136,7 @@ def select_examples(
     filters by tenant).
     """
     dropped: Counter[str] = Counter()
-
-    def drop(reason: DropReason, count: int = 1) -> None:
-        if count:
-            dropped[reason] += count
-
-    eligible: list[SearchHit] = []
-    seen: set[str] = set()
-    for hit in hits:
-        ex = hit.example
-        if tenant is not None and ex.tenant != tenant:
-            drop("other_tenant")
-        elif ex.example_id in seen:
-            drop("repeated_id")
-        elif not ex.usable:
-            drop("unusable")
-        elif not hit.similarity >= min_similarity:  # NaN fails too
-            drop("low_similarity")
-        else:
-            seen.add(ex.example_id)
-            eligible.append(hit)
+    eligible = _eligible(hits, tenant=tenant, min_similarity=min_similarity, dropped=dropped)
     if not eligible:
         return SelectionResult(selected=(), dropped=dict(dropped), candidates=len(hits))
 
@@ -173,44 +154,94 @@ def select_examples(
     if utilities.shape[0] != len(eligible):
         raise ValueError(f"scorer returned {utilities.shape[0]} utilities for {len(eligible)} candidates")
     passing = [i for i in range(len(eligible)) if utilities[i] >= threshold]
-    drop("low_utility", len(eligible) - len(passing))
+    _drop(dropped, "low_utility", len(eligible) - len(passing))
     if max_examples <= 0:
-        drop("max_examples", len(passing))
+        _drop(dropped, "max_examples", len(passing))
         return SelectionResult(selected=(), dropped=dict(dropped), candidates=len(hits))
 
-    embeddings = _normalised_embeddings([eligible[i] for i in passing])
-    gram = embeddings @ embeddings.T
+    candidates = [eligible[i] for i in passing]
     relevance = np.asarray([utilities[i] for i in passing])
-    redundancy = np.zeros(len(passing))  # max cosine to the kept ones, floored at 0
-    remaining = list(range(len(passing)))
-    kept: list[int] = []
-    kept_texts: set[str] = set()
-    budget = token_budget
-    while remaining and len(kept) < max_examples:
-        mmr = (1.0 - diversity) * relevance[remaining] - diversity * redundancy[remaining]
-        j = remaining.pop(int(np.argmax(mmr)))
-        example = eligible[passing[j]].example
-        text = _normalised_text(example.request)
-        if kept and (max(gram[j, k] for k in kept) >= duplicate_similarity or text in kept_texts):
-            drop("near_duplicate")
-            continue
-        cost = example_tokens(example)
-        if cost > budget:
-            drop("token_budget")
-            continue
-        kept.append(j)
-        kept_texts.add(text)
-        budget -= cost
-        np.maximum(redundancy, np.maximum(gram[j], 0.0), out=redundancy)
-    drop("max_examples", len(remaining))
-
+    kept = _mmr(
+        candidates,
+        relevance,
+        max_examples=max_examples,
+        duplicate_similarity=duplicate_similarity,
+        diversity=diversity,
+        token_budget=token_budget,
+        dropped=dropped,
+    )
     chosen = [
         Selected(
-            example=eligible[passing[j]].example,
-            similarity=float(eligible[passing[j]].similarity),
+            example=candidates[j].example,
+            similarity=float(candidates[j].similarity),
             utility=float(relevance[j]),
         )
         for j in kept
     ]
     chosen.sort(key=lambda s: (s.utility, s.similarity))  # best last: nearest the question
     return SelectionResult(selected=tuple(chosen), dropped=dict(dropped), candidates=len(hits))
+
+
+def _drop(dropped: Counter[str], reason: DropReason, count: int = 1) -> None:
+    if count:
+        dropped[reason] += count
+
+
+def _eligible(
+    hits: Sequence[SearchHit], *, tenant: str | None, min_similarity: float, dropped: Counter[str]
+) -> list[SearchHit]:
+    """Hits of the tenant, first of each id, usable, and similar enough; the rest counted as dropped."""
+    eligible: list[SearchHit] = []
+    seen: set[str] = set()
+    for hit in hits:
+        ex = hit.example
+        if tenant is not None and ex.tenant != tenant:
+            _drop(dropped, "other_tenant")
+        elif ex.example_id in seen:
+            _drop(dropped, "repeated_id")
+        elif not ex.usable:
+            _drop(dropped, "unusable")
+        elif not hit.similarity >= min_similarity:  # NaN fails too
+            _drop(dropped, "low_similarity")
+        else:
+            seen.add(ex.example_id)
+            eligible.append(hit)
+    return eligible
+
+
+def _mmr(
+    candidates: Sequence[SearchHit],
+    relevance: FloatArray,
+    *,
+    max_examples: int,
+    duplicate_similarity: float,
+    diversity: float,
+    token_budget: int,
+    dropped: Counter[str],
+) -> list[int]:
+    """Indices into ``candidates`` that MMR keeps, in the order kept (see ``select_examples``)."""
+    embeddings = _normalised_embeddings(candidates)
+    gram = embeddings @ embeddings.T
+    redundancy = np.zeros(len(candidates))  # max cosine to the kept ones, floored at 0
+    remaining = list(range(len(candidates)))
+    kept: list[int] = []
+    kept_texts: set[str] = set()
+    budget = token_budget
+    while remaining and len(kept) < max_examples:
+        mmr = (1.0 - diversity) * relevance[remaining] - diversity * redundancy[remaining]
+        j = remaining.pop(int(np.argmax(mmr)))
+        example = candidates[j].example
+        text = _normalised_text(example.request)
+        if kept and (max(gram[j, k] for k in kept) >= duplicate_similarity or text in kept_texts):
+            _drop(dropped, "near_duplicate")
+            continue
+        cost = example_tokens(example)
+        if cost > budget:
+            _drop(dropped, "token_budget")
+            continue
+        kept.append(j)
+        kept_texts.add(text)
+        budget -= cost
+        np.maximum(redundancy, np.maximum(gram[j], 0.0), out=redundancy)
+    _drop(dropped, "max_examples", len(remaining))
+    return kept

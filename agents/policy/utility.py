@@ -37,6 +37,26 @@ class UtilityScorer(Protocol):
     def score(self, query_text: str, hits: Sequence[SearchHit], features: FloatArray) -> FloatArray: ...
 
 
+def _training_arrays(
+    x: FloatArray, y: npt.ArrayLike, sample_weight: npt.ArrayLike | None, feature_names: Sequence[str]
+) -> tuple[FloatArray, FloatArray, FloatArray]:
+    """``fit``'s inputs as float arrays, checked: one column per feature, one 0..1 label and one
+    non-negative weight per row, all finite."""
+    xr = np.atleast_2d(np.asarray(x, dtype=np.float64))
+    yr = np.asarray(y, dtype=np.float64).reshape(-1)
+    n, d = xr.shape
+    if d != len(feature_names):
+        raise ValueError(f"x has {d} columns, expected {len(feature_names)} ({feature_names})")
+    if yr.shape[0] != n or n == 0:
+        raise ValueError(f"x has {n} rows and y has {yr.shape[0]}; need the same, non-zero number")
+    if not (np.all(np.isfinite(xr)) and np.all((yr >= 0) & (yr <= 1))):
+        raise ValueError("x must be finite and y must lie in [0, 1]")
+    sw = np.ones(n) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64).reshape(-1)
+    if sw.shape[0] != n or np.any(sw < 0):
+        raise ValueError("sample_weight must have one non-negative weight per row")
+    return xr, yr, sw
+
+
 def _sigmoid(z: FloatArray) -> FloatArray:
     out: FloatArray = np.empty_like(z)
     positive = z >= 0
@@ -114,19 +134,8 @@ class UtilityModel:
         intercept gets ``l2 * 1e-3`` so that all-positive or all-negative data still converge.
         Newton steps with backtracking: ~10 iterations, milliseconds for thousands of rows.
         """
-        xr = np.atleast_2d(np.asarray(x, dtype=np.float64))
-        yr = np.asarray(y, dtype=np.float64).reshape(-1)
+        xr, yr, sw = _training_arrays(x, y, sample_weight, self.feature_names)
         n, d = xr.shape
-        if d != len(self.feature_names):
-            raise ValueError(f"x has {d} columns, expected {len(self.feature_names)} ({self.feature_names})")
-        if yr.shape[0] != n or n == 0:
-            raise ValueError(f"x has {n} rows and y has {yr.shape[0]}; need the same, non-zero number")
-        if not (np.all(np.isfinite(xr)) and np.all((yr >= 0) & (yr <= 1))):
-            raise ValueError("x must be finite and y must lie in [0, 1]")
-        sw = np.ones(n) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64).reshape(-1)
-        if sw.shape[0] != n or np.any(sw < 0):
-            raise ValueError("sample_weight must have one non-negative weight per row")
-
         mean = xr.mean(axis=0)
         scale = xr.std(axis=0)
         scale[scale < 1e-12] = 1.0

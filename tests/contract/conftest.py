@@ -1,6 +1,6 @@
 """Session fixtures for the contract suites: one embedded Milvus server and one Milvus Lite file.
 
-The server is started once per test session (about 8 s) by ``infra.localstack.MilvusServer`` in a
+The server is started once per test session (about 8 s) by ``devstack.localstack.MilvusServer`` in a
 child process we own; ``ECHOLM_TEST_MILVUS_URI=http://host:19530`` uses a running server instead
 (docker-compose). If the server cannot start, its tests skip loudly (and fail under ``CI=true``).
 Each test gets its own collection, dropped afterwards.
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.localstack import LocalStackError, MilvusServer, free_port
+from devstack.localstack import LocalStackError, MilvusServer, free_port
 
 ENV_MILVUS_URI = "ECHOLM_TEST_MILVUS_URI"
 

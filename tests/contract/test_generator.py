@@ -37,7 +37,7 @@ FILLER = " ".join(["word"] * 200)
 
 # ------------------------------------------------------------------------------- the real backend
 def _listening_socket() -> socket.socket:
-    # IPPROTO_TCP: asyncio then sets TCP_NODELAY (see infra/tgi_dev/cli.py:_bind)
+    # IPPROTO_TCP: asyncio then sets TCP_NODELAY (see devstack/tgi_dev/cli.py:_bind)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind(("127.0.0.1", 0))
     return sock
@@ -81,8 +81,8 @@ def dev_tgi_url() -> Iterator[str]:
         "starlette", reason="the dev TGI server needs the local extra: pip install '.[local]'"
     )
     pytest.importorskip("uvicorn", reason="the dev TGI server needs the local extra: pip install '.[local]'")
-    from infra.tgi_dev.app import DevServerConfig, build_app
-    from infra.tgi_emulator import EmulatedEngine, ServiceTimeModel
+    from devstack.tgi_dev.app import DevServerConfig, build_app
+    from devstack.tgi_emulator import EmulatedEngine, ServiceTimeModel
 
     service = ServiceTimeModel(prefill_ms_per_token=0.0, decode_ms_per_token=DECODE_MS, batch_slowdown=0.0)
     app = build_app(

@@ -262,7 +262,7 @@ async def test_lite_and_server_capabilities(
 
 
 async def test_unreachable_server_raises_dependency_unavailable(collection_name: str) -> None:
-    from infra.localstack import free_port
+    from devstack.localstack import free_port
     from infra.milvus import MilvusExampleStore
 
     settings = MilvusSettings(uri=f"http://127.0.0.1:{free_port()}", dimension=DIM, timeout_s=1.0)

@@ -16,7 +16,7 @@
 * ``FakeTopicDirectory`` answers ``exists`` from a set instead of asking a broker.
 * ``fake_factories`` wraps given adapters as ``infra.resources.AdapterFactories``; a ``None``
   embedder or store fails to open, as a down dependency does.
-* ``agent_harness`` builds a worker with ``streams.app.build_app`` on those factories, starts its
+* ``agent_harness`` builds a worker with ``echolm.app.build_app`` on those factories, starts its
   ``Resources`` (no broker: the topic directory is a ``FakeTopicDirectory``) and hands out fake
   topics for the agents' shell classes (``Server``, ``Preparer``, ...) to send to.
 """
@@ -37,6 +37,7 @@ import faust
 from faust.types import TP, RecordMetadata
 
 from agents.state import DecisionState
+from echolm.app import build_app
 from infra.errors import (
     BackendOverloaded,
     BackendRejected,
@@ -56,7 +57,6 @@ from infra.protocols import (
 )
 from infra.resources import AdapterFactories, Resources
 from infra.settings import Settings
-from streams.app import build_app
 from streams.topology import TOPIC_NAMES, Topics
 
 __all__ = [
@@ -354,17 +354,18 @@ async def agent_harness(
     known_topics: Iterable[str] = (),
 ) -> AsyncIterator[AgentHarness]:
     """A worker built by ``build_app`` (registering only ``agents``) with its ``Resources`` started."""
-    app, app_topics, resources = build_app(settings, factories=factories, agents=agents)
+    built = build_app(settings, factories=factories, agents=agents)
+    resources = built.resources
     resources.topic_directory = cast("Any", FakeTopicDirectory(known_topics))
     await resources.start()
     try:
         yield AgentHarness(
             settings=settings,
-            app=app,
-            app_topics=app_topics,
+            app=built.app,
+            app_topics=built.topics,
             topics=fake_topics(settings),
             resources=resources,
-            state=resources.decision_state,
+            state=built.state,
         )
     finally:
         await resources.stop()

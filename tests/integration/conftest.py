@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from infra.localstack import LocalStack, create_topics
+from devstack.localstack import LocalStack, create_topics
+from devstack.workers import WorkerProcess
 from infra.settings import Settings, load_settings
-from infra.workers import WorkerProcess
 from streams.topology import topic_specs
 
 pytestmark = pytest.mark.integration

@@ -24,12 +24,12 @@ from typing import Any, Literal
 import httpx
 import orjson
 
+from devstack.localstack import LocalStack, create_topics, free_port
+from devstack.tgi_dev.process import DevServerProcess
+from devstack.workers import WorkerProcess
 from echolm.bank import read_topic as read_topic_values
 from echolm.client import EchoClient, Reply
-from infra.localstack import LocalStack, create_topics, free_port
 from infra.settings import BackendSettings, Settings, load_settings
-from infra.tgi_dev.process import DevServerProcess
-from infra.workers import WorkerProcess
 from streams.topology import topic_specs
 
 from .conftest import Pipeline

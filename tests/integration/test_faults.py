@@ -28,12 +28,12 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
+from devstack.localstack import LocalStack, MilvusServer, TansuBroker, create_topics, free_port
+from devstack.workers import WorkerProcess
 from echolm.client import EchoClient, Reply
 from infra.kafka import kafka_client_kwargs
-from infra.localstack import LocalStack, MilvusServer, TansuBroker, create_topics, free_port
 from infra.milvus import MilvusExampleStore
 from infra.settings import Settings
-from infra.workers import WorkerProcess
 from streams.topology import topic_specs
 
 from .conftest import Pipeline

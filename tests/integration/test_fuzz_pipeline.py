@@ -31,10 +31,10 @@ from hypothesis import strategies as st
 
 from agents.policy.prompt import EXAMPLES_NOTE, build_messages
 from agents.policy.retrieval import Selected
+from devstack.localstack import LocalStack
 from echolm.client import EchoClient
 from infra.errors import BadInput
 from infra.kafka import kafka_client_kwargs
-from infra.localstack import LocalStack
 from infra.milvus import MilvusExampleStore
 from infra.protocols import Example
 from infra.settings import MilvusSettings, Settings
@@ -288,7 +288,7 @@ async def test_poisoned_examples_cannot_take_the_system_role_or_leak(
     assert all(SECRET not in m.content for m in messages)
 
     # The real chat template, as the dev server renders it: one system turn (ours), one turn per message.
-    from infra.tgi_dev.llama import LlamaCppEngine, default_gguf_path
+    from devstack.tgi_dev.llama import LlamaCppEngine, default_gguf_path
 
     engine = await asyncio.to_thread(LlamaCppEngine.load, default_gguf_path(), model_id="smollm2", ctx=2048)
     try:

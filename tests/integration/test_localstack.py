@@ -18,7 +18,14 @@ import numpy as np
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 
-from infra.localstack import LocalStack, LocalStackError, MilvusServer, TansuBroker, create_topics, free_port
+from devstack.localstack import (
+    LocalStack,
+    LocalStackError,
+    MilvusServer,
+    TansuBroker,
+    create_topics,
+    free_port,
+)
 from infra.settings import Settings, load_settings
 
 pytestmark = pytest.mark.integration

@@ -11,10 +11,10 @@ import httpx
 import orjson
 import pytest
 
+from devstack.localstack import free_port
 from echolm.bank import export_bank, import_bank
 from echolm.client import EchoClient
 from echolm.up import DEMO_QUESTIONS
-from infra.localstack import free_port
 from infra.settings import child_env, load_settings
 
 from .conftest import PipelineFactory

@@ -15,6 +15,7 @@ from echolm.bank import read_log, read_topic
 from echolm.client import EchoClient, Reply
 from infra.milvus import MilvusExampleStore
 from infra.settings import Settings
+from streams.records import LogRecord
 
 from .conftest import PipelineFactory
 
@@ -46,6 +47,26 @@ async def _wait_for_count(settings: Settings, tenant: str, expected: int, timeou
                 return count
             await asyncio.sleep(0.5)
         return count
+
+
+def _assert_paraphrases_used_own_pairs(
+    tenant: str, log: list[LogRecord], sent: dict[str, tuple[str, str]]
+) -> None:
+    """Each paraphrase was served with its own tenant's earlier pair among its examples, and no
+    example ever crossed tenants."""
+    by_id = {r.request.request_id: r for r in log}
+    own_ids = {example_id(tenant, q) for q, _ in QUESTIONS}
+    other = next(t for t in TENANTS if t != tenant)
+    other_ids = {example_id(other, q) for q, _ in QUESTIONS}
+    for original, paraphrase in QUESTIONS:
+        rid = next(i for i, (t, p) in sent.items() if t == tenant and p == paraphrase)
+        used = {e.example_id for e in by_id[rid].examples}
+        assert example_id(tenant, original) in used, (tenant, paraphrase, used)
+    for record in log:
+        if record.request.tenant == tenant:
+            ids = {e.example_id for e in record.examples}
+            assert not ids & other_ids
+            assert ids <= own_ids | {example_id(tenant, p) for _, p in QUESTIONS}
 
 
 async def test_fifty_requests_two_tenants_end_to_end(pipeline_factory: PipelineFactory) -> None:
@@ -88,21 +109,8 @@ async def test_fifty_requests_two_tenants_end_to_end(pipeline_factory: PipelineF
     by_id = {r.request.request_id: r for r in log}
     assert len(log) == 50 and set(by_id) == set(sent) | set(originals.values())
 
-    # Each paraphrase was served with its own tenant's earlier pair among its examples, and no example
-    # ever crossed tenants.
     for tenant in TENANTS:
-        own_ids = {example_id(tenant, q) for q, _ in QUESTIONS}
-        other = next(t for t in TENANTS if t != tenant)
-        other_ids = {example_id(other, q) for q, _ in QUESTIONS}
-        for original, paraphrase in QUESTIONS:
-            rid = next(i for i, (t, p) in sent.items() if t == tenant and p == paraphrase)
-            used = {e.example_id for e in by_id[rid].examples}
-            assert example_id(tenant, original) in used, (tenant, paraphrase, used)
-        for record in log:
-            if record.request.tenant == tenant:
-                ids = {e.example_id for e in record.examples}
-                assert not ids & other_ids
-                assert ids <= own_ids | {example_id(tenant, p) for _, p in QUESTIONS}
+        _assert_paraphrases_used_own_pairs(tenant, log, sent)
 
 
 async def _hold_queue(url: str, n: int, tokens: int) -> list[asyncio.Task[httpx.Response]]:

@@ -16,11 +16,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from devstack.tgi_dev import DevServerProcess
 from infra.errors import BackendError, BackendOverloaded, BackendRejected, BackendUnavailable
 from infra.protocols import ChatMessage, GenerationParams
 from infra.settings import BackendSettings
 from infra.tgi import TGIGenerator, TGIQueueProbe, parse_queue_gauges
-from infra.tgi_dev import DevServerProcess
 
 pytestmark = pytest.mark.integration
 

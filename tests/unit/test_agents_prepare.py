@@ -14,11 +14,13 @@ import pytest
 from faust.types import Message
 
 from agents.policy.admission import example_id
+from agents.policy.bandit import CONTEXT_NAMES, context_features
+from agents.policy.retrieval import Selected
 from agents.prepare import Preparer
 from infra.protocols import Example
 from infra.settings import Settings, load_settings
 from streams.codecs import decode_vector
-from streams.records import DeadLetterRecord, PreparedRecord, ReplyRecord
+from streams.records import PREPARED_VERSION, DeadLetterRecord, PreparedRecord, ReplyRecord
 from tests.fakes.backends import AgentHarness, FakeTopic, agent_harness, fake_factories
 from tests.fakes.embedder import FakeEmbedder
 from tests.fakes.vector_store import FakeVectorStore
@@ -117,6 +119,35 @@ async def test_a_batch_is_embedded_once_and_each_request_gets_its_examples(prep:
         assert {"parse", "embed", "retrieve", "select", "sent_at"} <= set(record.timings_ms)
     assert [r.key for r in prep.prepared.sent] == ["r1", "r2"]  # keyed by request id
     assert prep.metric("echolm_cache_lookups_total") == 2 and prep.metric("echolm_cache_hits_total") == 1
+
+
+@pytest.mark.parametrize("quality", [0.15, 0.85])
+async def test_the_routing_context_and_the_refs_carry_the_examples_real_quality(
+    prep: Prep, quality: float
+) -> None:
+    stored = await bank(prep, "acme", "how do I reset my password?", "Settings > Reset.", quality=quality)
+    await prep.preparer.handle_batch([prep.request("r1", "how do I reset my password?")])
+    (record,) = prep.out()
+    (ref,) = record.examples
+    assert (ref.quality, ref.replay_rounds, ref.created_at) == (quality, 0, stored.created_at)
+    assert len(record.context) == len(CONTEXT_NAMES) and record.version == PREPARED_VERSION
+    assert record.context[CONTEXT_NAMES.index("mean_quality")] == pytest.approx(quality)
+    assert record.context[CONTEXT_NAMES.index("examples")] == pytest.approx(1 / 5)
+    expected = context_features(
+        decode_vector(record.embedding),
+        [Selected(ref.example("acme", decode_vector(record.embedding)), ref.similarity, ref.utility)],
+        prompt_text="how do I reset my password?",
+    )
+    assert record.context == pytest.approx(list(expected))
+
+
+async def test_a_bypassed_request_still_gets_a_routing_context(prep: Prep) -> None:
+    prep.embedder.unavailable = True
+    await prep.preparer.handle_batch([prep.request("r1", "hello there")])
+    (record,) = prep.out()
+    assert record.embedding == "" and record.examples == []
+    assert record.context[CONTEXT_NAMES.index("bias")] == 1.0
+    assert record.context[CONTEXT_NAMES.index("examples")] == 0.0
 
 
 async def test_retrieval_never_crosses_tenants(prep: Prep) -> None:

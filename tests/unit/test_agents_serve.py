@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from agents.policy.bandit import CONTEXT_NAMES
 from agents.policy.routing import ArmEstimate, LinUCBBandit
-from agents.serve import Server
+from agents.serve import Server, routing_context
 from infra.errors import (
     BackendError,
     BackendOverloaded,
@@ -119,14 +120,21 @@ async def prepared(
     examples: list[ExampleRef] | None = None,
     *,
     deadline_in_s: float | None = 60.0,
+    v1: bool = False,
 ) -> PreparedRecord:
+    """A prepared record as ``prepare`` writes it: with the routing context (none when ``v1``)."""
     vector = (await FakeEmbedder(DIM).embed([prompt]))[0]
-    return PreparedRecord(
+    record = PreparedRecord(
         request=request(prompt, deadline_in_s=deadline_in_s),
         embedding=encode_vector(vector),
         examples=examples or [],
         timings_ms={"parse": 0.1, "sent_at": time.time() * 1000.0},
     )
+    if v1:
+        record.version = 1
+    else:
+        record.context = [float(x) for x in routing_context(record, DIM)]
+    return record
 
 
 # ------------------------------------------------------------------------------------------ routing
@@ -363,6 +371,50 @@ async def test_generation_never_outlives_the_request_deadline(fleet: Fleet) -> N
     assert reply.error.code == "deadline_exceeded" and "BackendTimeout" in reply.error.message
     assert fleet.large.in_flight == 0 and fleet.small.in_flight == 0
     assert fleet.metric("echolm_requests_total", outcome="deadline_exceeded") == 1
+
+
+# ------------------------------------------------------------------------------ routing context, timing
+async def test_serve_routes_on_the_context_prepare_shipped_and_passes_the_embedding_on(fleet: Fleet) -> None:
+    record = await prepared(examples=strong_examples())
+    context = list(record.context)
+    context[CONTEXT_NAMES.index("mean_quality")] = 0.93  # what only prepare knows: the bank's quality
+    record.context = context
+    record.embedding = "not base64 at all"  # serve must not decode it, only pass it to the log
+    await fleet.server.handle(record)
+    logged = fleet.logged()
+    assert logged.route is not None and logged.route.context == context
+    assert logged.embedding == "not base64 at all"
+
+
+async def test_a_v1_record_without_a_context_is_routed_on_a_recomputed_one(fleet: Fleet) -> None:
+    record = await prepared(examples=strong_examples(), v1=True)
+    assert record.context == []
+    await fleet.server.handle(record)
+    assert fleet.reply().tier == "small"  # as v1 serve routed it
+    route = fleet.logged().route
+    assert route is not None and len(route.context) == len(CONTEXT_NAMES)
+    assert route.context[CONTEXT_NAMES.index("examples")] == pytest.approx(3 / 5)
+    assert route.context[CONTEXT_NAMES.index("mean_quality")] == 0.5  # v1 refs carry no quality
+
+
+async def test_every_generation_attempt_is_timed(fleet: Fleet) -> None:
+    fleet.large.fail_next(BackendOverloaded("429", backend=LARGE, status=429))
+    await fleet.server.handle(await prepared())
+    reply, route = fleet.reply(), fleet.logged().route
+    assert reply.ok and route is not None and route.attempts == 2
+    assert len(route.generate_ms) == 2 and all(ms >= 0 for ms in route.generate_ms)
+    assert reply.timings_ms["generate"] == pytest.approx(sum(route.generate_ms), abs=0.01)
+    assert fleet.metric("echolm_stage_seconds_count", stage="generate") == 2
+
+
+async def test_failed_attempts_are_timed_too(fleet: Fleet) -> None:
+    fleet.large.fail_next(*[BackendUnavailable("503", backend=LARGE, status=503)] * 3)
+    fleet.small.fail_next(*[BackendOverloaded("429", backend=SMALL, status=429)] * 3)
+    await fleet.server.handle(await prepared())
+    assert not fleet.reply().ok
+    attempts = fleet.h.settings.tgi.retries + 1
+    assert fleet.metric("echolm_stage_seconds_count", stage="generate") == attempts
+    assert "generate" in fleet.reply().timings_ms
 
 
 # ------------------------------------------------------------------------------------- router bypass

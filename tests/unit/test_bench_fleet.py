@@ -1,4 +1,4 @@
-"""bench/fleet.py and bench/baselines.py: the pure parts (conditions, lengths, cache simulation, driver)."""
+"""bench/fleet and bench/baselines.py: the pure parts (conditions, lengths, cache simulation, driver)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""bench/report.py: aggregation, timelines, headline ratios and the BENCHMARKS.md sections (pure)."""
+"""bench/report (package): aggregation, timelines, headline ratios and the BENCHMARKS.md sections (pure)."""
 
 from __future__ import annotations
 
@@ -159,10 +159,14 @@ def test_sections_render_and_replace_only_between_markers() -> None:
         "machine": {
             "nproc": 2,
             "cpu": "AMD EPYC",
-            "ram_gb": 23.0,
+            "ram_gib": 23.0,
+            "platform": None,
             "python": "3.11",
             "commit": "abc",
-            "loadavg": [1.0, 1.0, 1.0],
+            "dirty": None,
+            "dirty_files": None,
+            "loadavg_start": None,
+            "loadavg_end": [1.0, 1.0, 1.0],
         },
         "preset": {"name": "small", "slots": 4, "max_batch_size": 8, "echolm_small": 2},
         "services": {

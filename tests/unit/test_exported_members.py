@@ -1,4 +1,4 @@
-"""Every module of the four packages declares its public names in ``__all__``, and each of them exists.
+"""Every module of the five packages declares its public names in ``__all__``, and each of them exists.
 
 Exempt: ``__main__`` modules (importing one runs the program) and package ``__init__`` files with no
 code (a marker that defines nothing has nothing to export). Names are checked with ``hasattr`` after
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("streams", "agents", "infra", "echolm")
+PACKAGES = ("streams", "agents", "infra", "echolm", "devstack")
 
 
 def _module_name(path: Path) -> str:

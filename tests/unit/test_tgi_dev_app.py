@@ -15,11 +15,11 @@ import pytest
 from starlette.applications import Starlette
 from starlette.types import Message
 
+from devstack.tgi_dev.app import DevServer, DevServerConfig, build_app
+from devstack.tgi_dev.engine import Engine, SamplingParams
+from devstack.tgi_dev.scheduler import QueueFull, RequestQueue
+from devstack.tgi_emulator import EmulatedEngine, ServiceTimeModel
 from infra.tgi import parse_queue_gauges
-from infra.tgi_dev.app import DevServer, DevServerConfig, build_app
-from infra.tgi_dev.engine import Engine, SamplingParams
-from infra.tgi_dev.scheduler import QueueFull, RequestQueue
-from infra.tgi_emulator import EmulatedEngine, ServiceTimeModel
 
 FAST = ServiceTimeModel(prefill_ms_per_token=0.0, decode_ms_per_token=0.0, batch_slowdown=0.0)
 SLOW = ServiceTimeModel(prefill_ms_per_token=0.0, decode_ms_per_token=20.0, batch_slowdown=0.0)
@@ -411,7 +411,7 @@ def test_listening_socket_says_tcp_so_asyncio_disables_nagle() -> None:
     # Regression: with proto=0, asyncio skips TCP_NODELAY and every response with a body took ~44 ms.
     import socket
 
-    from infra.tgi_dev.cli import _bind
+    from devstack.tgi_dev.cli import _bind
 
     sock = _bind("127.0.0.1", 0)
     try:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from echolm.app import build_app
 from infra.kafka import kafka_consumer_kwargs
 from infra.settings import load_settings
-from streams.app import build_app
 from tests.fakes.backends import fake_factories
 from tests.fakes.embedder import FakeEmbedder
 from tests.fakes.vector_store import FakeVectorStore
@@ -16,7 +16,7 @@ from tests.fakes.vector_store import FakeVectorStore
 async def test_the_worker_consumer_uses_the_configured_fetch_wait(wait_ms: int) -> None:
     settings = load_settings(kafka={"fetch_max_wait_ms": wait_ms, "topic_prefix": "unit"})
     factories = fake_factories(embedder=FakeEmbedder(8), store=FakeVectorStore(8), generators=[], probe=None)
-    app, _, _ = build_app(settings, factories=factories)
+    app = build_app(settings, factories=factories).app
     thread = app.consumer._thread  # type: ignore[attr-defined]  # faust's ThreadDelegateConsumer
     consumer = thread._create_worker_consumer(app.transport)  # built, not started: no broker needed
     try:
