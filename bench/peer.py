@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,6 +28,22 @@ from infra.protocols import Embedder, GenerationParams, Generator, QueueDepthPro
 from infra.settings import Settings
 
 __all__ = ["InProcessPeer"]
+
+
+def _settle(
+    future: asyncio.Future[dict[str, float]],
+) -> Callable[[asyncio.Task[dict[str, float]]], None]:
+    """A done callback that passes a serve task's result, or its exception, to the request's future."""
+
+    def done(task: asyncio.Task[dict[str, float]]) -> None:
+        if task.cancelled():
+            future.cancel()
+        elif (exc := task.exception()) is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(task.result())
+
+    return done
 
 
 class InProcessPeer:
@@ -77,7 +93,7 @@ class InProcessPeer:
             for i, (prompt, _, future) in enumerate(batch):
                 stages = {"embed": 1000 * (t1 - t0), "retrieve": 1000 * (t2 - t1)}
                 task = asyncio.create_task(self._serve(prompt, vectors[i], hits[i], stages))
-                task.add_done_callback(lambda t, f=future: f.set_result(t.result()))
+                task.add_done_callback(_settle(future))
 
     async def _serve(
         self, prompt: str, vector: np.ndarray, hits: Sequence[Any], stages: dict[str, float]

@@ -276,6 +276,10 @@ class LimitsSettings(_Section):
 class WorkerSettings(_Section):
     app_id: str = Field("echolm", description="faust app id = Kafka consumer group.")
     concurrency: int = Field(8, ge=1, le=256, description="Requests one worker generates at once.")
+    prepared_hop: Literal["kafka", "inline"] = Field(
+        "kafka",
+        description="inline = prepare hands requests to serve in process (no prepared topic hop).",
+    )
     event_loop: Literal["asyncio", "uvloop"] = Field(
         "asyncio", description="The worker's event loop; uvloop needs the 'uvloop' extra."
     )
