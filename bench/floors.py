@@ -113,15 +113,17 @@ async def search_floor(
 
 
 async def kafka_floor(
-    bootstrap: str, fetch_max_wait_ms: int, *, n: int = 40, gap_s: float = 0.02
+    bootstrap: str, fetch_max_wait_ms: int, *, partitions: int = 1, n: int = 40, gap_s: float = 0.02
 ) -> dict[str, float]:
-    """Produce (acks=all) -> consume of one small record at a time on ``bootstrap``, ms."""
+    """Produce (acks=all) -> consume of one small record at a time on ``bootstrap``, ms, over a topic
+    of ``partitions`` partitions written in turn and all read by one consumer, as the worker reads its
+    topics (an empty partition in a fetch can hold the answer until the fetch wait expires)."""
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
     from infra.topics import create_topics
 
     topic = f"bench.floor.{uuid.uuid4().hex[:8]}"
-    await create_topics(bootstrap, {topic: 1})
+    await create_topics(bootstrap, {topic: partitions})
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=0, acks="all")
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap, group_id=None, fetch_max_wait_ms=fetch_max_wait_ms
@@ -130,13 +132,14 @@ async def kafka_floor(
     await consumer.start()
     samples: list[float] = []
     try:
-        tp = TopicPartition(topic, 0)
-        consumer.assign([tp])
-        await consumer.seek_to_end(tp)
-        await consumer.position(tp)
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_end(*tps)
+        for tp in tps:
+            await consumer.position(tp)
         for i in range(n + 2):
             began = time.perf_counter()
-            await producer.send_and_wait(topic, b"x" * 512, partition=0)
+            await producer.send_and_wait(topic, b"x" * 512, partition=i % partitions)
             async with asyncio.timeout(10):
                 await consumer.getone()
             if i >= 2:
@@ -145,7 +148,7 @@ async def kafka_floor(
     finally:
         await consumer.stop()
         await producer.stop()
-    return _summary(samples) | {"fetch_max_wait_ms": fetch_max_wait_ms}
+    return _summary(samples) | {"fetch_max_wait_ms": fetch_max_wait_ms, "partitions": partitions}
 
 
 async def generate_floor(
@@ -179,7 +182,9 @@ async def measure_floors(
         store, tenant, vectors, limit=settings.selection.top_k, batches=batches
     )
     out["kafka_hop_ms"] = await kafka_floor(
-        settings.kafka.bootstrap_servers, settings.kafka.fetch_max_wait_ms
+        settings.kafka.bootstrap_servers,
+        settings.kafka.fetch_max_wait_ms,
+        partitions=settings.kafka.partitions,
     )
     out["generate_ms"] = await generate_floor(settings, messages)
     return out
@@ -197,7 +202,10 @@ def _finite(value: Any) -> bool:
 
 
 def stage_ratios(
-    phase: Mapping[str, Any], floors: Mapping[str, Any], micro: Mapping[str, Any] | None = None
+    phase: Mapping[str, Any],
+    floors: Mapping[str, Any],
+    micro: Mapping[str, Any] | None = None,
+    backend: str | None = None,
 ) -> dict[str, Any]:
     """Per stage of one pipeline phase: p50 / floor p50 (embed and retrieve at the phase's median
     embed batch), and end-to-end overhead p50 against the sum of the floors (generate excluded).
@@ -208,7 +216,9 @@ def stage_ratios(
     batch = float(phase.get("embed_batches", {}).get("p50") or 1)
     hop = floors["kafka_hop_ms"]["p50"]
     floor_p50: dict[str, float] = {
-        "embed": floor_for(floors["embed_ms"], batch)["p50"],
+        "embed": floor_for(floors.get("embed_ms_by_backend", {}).get(backend, floors["embed_ms"]), batch)[
+            "p50"
+        ],
         "retrieve": floor_for(floors["retrieve_ms"], batch)["p50"],
     }
     hops = 2

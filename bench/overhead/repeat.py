@@ -43,10 +43,11 @@ def parse_variant(text: str) -> tuple[str, dict[str, dict[str, Any]]]:
 
 
 def with_overrides(settings: Settings, overrides: Mapping[str, Mapping[str, Any]]) -> Settings:
-    update = {
-        section: getattr(settings, section).model_copy(update=dict(values))
-        for section, values in overrides.items()
-    }
+    """``settings`` with ``overrides`` applied and validated (JSON values become paths, literals...)."""
+    update = {}
+    for section, values in overrides.items():
+        current = getattr(settings, section)
+        update[section] = type(current).model_validate({**current.model_dump(), **values})
     return settings.model_copy(update=update)
 
 
@@ -189,7 +190,8 @@ def summarise(
             cell["loadavg_1m"] = _median([row["cpu"]["loadavg_1m"] for row in rows])
             cell["others_cores"] = _median([row["cpu"]["others_cores"] for row in rows])
             if floors and "embed_batches" in rows[0]:
-                ratios = [stage_ratios(row, floors, micro) for row in rows]
+                backend = mine[0].get("embedding_backend")
+                ratios = [stage_ratios(row, floors, micro, backend) for row in rows]
                 cell["ratio_p50"] = {
                     stage: _median([r["ratio_p50"].get(stage) for r in ratios])
                     for stage in ratios[0]["ratio_p50"]

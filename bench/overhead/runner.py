@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from agents.policy.prompt import build_messages
 from agents.policy.retrieval import Selected
-from bench.floors import measure_floors, milvus_sweep
+from bench.floors import embed_floor, measure_floors, milvus_sweep
 from bench.hostfacts import host_facts, loadavg, metadata
 from bench.overhead.bank import preload, wait_for_index
 from bench.overhead.components import direct_baseline, embed_batching, fetch_wait_floor, micro
@@ -45,16 +45,27 @@ def _set_overrides(pairs: Sequence[str]) -> dict[str, dict[str, Any]]:
         raise SystemExit(str(exc)) from exc
 
 
-async def _floors(
-    report: dict[str, Any], settings: Settings, prompts: list[str], vectors: np.ndarray, bank: list[Example]
-) -> None:
-    """Each component alone on this bank and stack, with the worker's settings (``bench.floors``)."""
-    if settings.embedding.backend == "onnx":
+def _embedder(settings: Settings) -> Embedder:
+    """The worker's embedder for ``settings``, cache off (a floor measures the model)."""
+    emb = settings.embedding.model_copy(update={"cache_size": 0})
+    if emb.backend == "onnx":
         from infra.embedding_onnx import OnnxEmbedder
 
-        alone: Embedder = OnnxEmbedder(settings.embedding)
-    else:
-        alone = SentenceTransformerEmbedder(settings.embedding)
+        return OnnxEmbedder(emb)
+    return SentenceTransformerEmbedder(emb)
+
+
+async def _floors(
+    report: dict[str, Any],
+    settings: Settings,
+    prompts: list[str],
+    vectors: np.ndarray,
+    bank: list[Example],
+    others: Sequence[Settings] = (),
+) -> None:
+    """Each component alone on this bank and stack, with the worker's settings (``bench.floors``);
+    the embed floor also for every other embedding backend a variant uses (``embed_ms_by_backend``)."""
+    alone = _embedder(settings)
     selected = [Selected(e, 0.8, 0.6) for e in bank[: settings.selection.max_examples]]
     messages = build_messages(settings.tgi.system_prompt, selected, prompts[0])
     c0, t0 = cpu_snapshot(), time.perf_counter()
@@ -70,6 +81,14 @@ async def _floors(
             messages=messages,
         )
     await alone.aclose()
+    by_backend = {settings.embedding.backend: report["floors"]["embed_ms"]}
+    for other in others:
+        if other.embedding.backend not in by_backend:
+            extra = _embedder(other)
+            await extra.embed(["warm-up"])
+            by_backend[other.embedding.backend] = await embed_floor(extra, prompts)
+            await extra.aclose()
+    report["floors"]["embed_ms_by_backend"] = by_backend
     report["floors"]["cpu"] = cpu_delta(c0, cpu_snapshot(), time.perf_counter() - t0)
     report["milvus_sweep"] = await milvus_sweep(
         settings.milvus.uri, settings.milvus.collection, "bench", vectors, limit=settings.selection.top_k
@@ -159,23 +178,25 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 settings.kafka.bootstrap_servers, (1500, 500, 100, 25, 10, 5)
             )
             tqdm.write(f"[fetch wait] {json.dumps(report['fetch_wait_floor_ms'])}")
-        if args.floors:
-            await _floors(report, settings, prompts, qvecs, bank)
         variants = [("default", {}), *(parse_variant(v) for v in args.variant)]
+        if args.floors:
+            others = [with_overrides(settings, o) for _, o in variants[1:]]
+            await _floors(report, settings, prompts, qvecs, bank, others)
         runs: list[dict[str, Any]] = []
         for i in range(args.runs):
             for name, overrides in variants:
                 tqdm.write(f"[run {i + 1}/{args.runs}] pipeline, variant {name}")
-                phases = await pipeline_phases(
-                    with_overrides(settings, overrides), preset, rng, data_dir / f"worker-{name}-{i}.log"
+                chosen = with_overrides(settings, overrides)
+                phases = await pipeline_phases(chosen, preset, rng, data_dir / f"worker-{name}-{i}.log")
+                runs.append(
+                    {"run": i, "variant": name, "embedding_backend": chosen.embedding.backend, **phases}
                 )
-                runs.append({"run": i, "variant": name, **phases})
             if args.peer:
                 tqdm.write(f"[run {i + 1}/{args.runs}] in-process peer ({variants[-1][0]} settings)")
                 peer = await peer_phases(with_overrides(settings, variants[-1][1]), preset, rng)
                 runs.append({"run": i, "variant": "peer", **peer})
         first = runs[0]
-        report.update({k: v for k, v in first.items() if k not in ("run", "variant")})
+        report.update({k: v for k, v in first.items() if k not in ("run", "variant", "embedding_backend")})
         report["runs"] = runs
         report["summary"] = summarise(runs, report.get("floors"), report.get("micro"))
     finally:
