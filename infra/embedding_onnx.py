@@ -29,6 +29,7 @@ import asyncio
 import json
 import logging
 import os
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -113,7 +114,12 @@ def export_onnx(model_dir: Path, out: Path) -> Path:
     axes = {0: "batch", 1: "sequence"}
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
-    with torch.no_grad():
+    # The TorchScript exporter warns that it is legacy (it needs no onnxscript, so it is the one used
+    # here) and traces Python constants; neither changes the exported graph, checked by the tests.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", UserWarning)
         torch.onnx.export(
             model,
             (dummy["input_ids"], dummy["attention_mask"], dummy["token_type_ids"]),

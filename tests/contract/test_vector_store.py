@@ -109,7 +109,7 @@ class TestVectorStoreContract:
         await store.upsert([
             example("a-x", tenant="a", vector=unit(1.0)),
             example("a-y", tenant="a", vector=unit(0.0, 1.0)),
-            example("b-x", tenant="b", vector=unit(1.0, 0.0001)),
+            example("b-x", tenant="b", vector=unit(1.0, 0.1)),
             example("b-bad", tenant="b", vector=unit(1.0), usable=False),
         ])  # fmt: skip
         queries = np.stack([unit(1.0), unit(1.0), unit(0.0, 1.0), unit(1.0)])
