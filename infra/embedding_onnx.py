@@ -117,7 +117,7 @@ def export_onnx(model_dir: Path, out: Path) -> Path:
     # The TorchScript exporter warns that it is legacy (it needs no onnxscript, so it is the one used
     # here) and traces Python constants; neither changes the exported graph, checked by the tests.
     with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # only while exporting: DeprecationWarning, TracerWarning, UserWarning
+        warnings.simplefilter("ignore")  # only while exporting (legacy exporter, tracer warnings)
         torch.onnx.export(
             model,
             (dummy["input_ids"], dummy["attention_mask"], dummy["token_type_ids"]),
