@@ -34,7 +34,7 @@ async def evict_once(res: Resources, *, now: float) -> int:
     if store is None:
         return 0
     by_tenant: dict[str, list[Example]] = defaultdict(list)
-    for ex in await store.scan():
+    for ex in await store.scan(with_embeddings=False):  # eviction needs no vectors (most of the bytes)
         by_tenant[ex.tenant].append(ex)
     evicted = 0
     total_bytes = 0

@@ -15,6 +15,10 @@ Error policy:
     * anything else raises: faust's supervisor restarts the agent and the batch is re-read
       (its offsets were not committed).
 
+In one process (``worker.prepared_hop = "inline"``), step 5 hands each record to serve's handler
+directly instead of the prepared topic (``Preparer._hand_over``); the offset is then committed only
+after the reply and the log record are delivered.
+
 Ordering (reply-then-commit), per batch; ``Preparer.handle_batch`` runs steps 1-5 in this order:
     1. parse every record; reject bad ones (each rejection awaited to the broker),
     2. embed the valid ones' prompts in one call,
@@ -27,10 +31,10 @@ committable.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -64,6 +68,7 @@ class _Batch:
 
     requests: list[RequestRecord]
     coordinates: list[Coordinates]
+    events: list[faust.EventT[bytes]]
     vectors: np.ndarray | None = None
     hits: list[list[SearchHit]] = field(default_factory=list)
     bypass: str = ""  # why selection was skipped for the whole batch ("" = it was not)
@@ -94,32 +99,58 @@ def _example_refs(selected: Sequence[Selected]) -> list[ExampleRef]:
 
 
 class Preparer:
-    def __init__(self, app: faust.App, topics: Topics, res: Resources, state: DecisionState) -> None:
+    def __init__(
+        self,
+        app: faust.App,
+        topics: Topics,
+        res: Resources,
+        state: DecisionState,
+        *,
+        handoff: Callable[[PreparedRecord], Awaitable[None]] | None = None,
+    ) -> None:
+        """``handoff`` None sends prepared records to the prepared topic; else step 5 hands each one
+        to ``handoff`` (``Server.handle`` in this process) instead: see ``_hand_over``."""
         self.app, self.topics, self.res, self.state = app, topics, res, state
         self.rejecter = Rejecter(app, topics, res)
         self.default_reply = res.settings.topic("replies")
+        self.handoff = handoff
+        self._slots = asyncio.Semaphore(res.settings.worker.concurrency)
+        self._serving: set[asyncio.Task[None]] = set()
+        self._failed: BaseException | None = None
 
     async def handle_batch(self, events: Sequence[faust.EventT[bytes]]) -> None:
         """Steps 1-5 of the module docstring, for one batch of raw request events."""
+        if self._failed is not None:  # an in-process serve task raised: let the supervisor see it
+            failed, self._failed = self._failed, None
+            raise failed
         t0 = time.perf_counter()
         valid = await self._parse(events)  # 1. parse
         if not valid:
             return
-        batch = _Batch(requests=[r for r, _ in valid], coordinates=[c for _, c in valid])
+        batch = _Batch(
+            requests=[r for r, _, _ in valid],
+            coordinates=[c for _, c, _ in valid],
+            events=[e for _, _, e in valid],
+        )
         batch.seconds["parse"] = (time.perf_counter() - t0) / max(1, len(events))
         await self._embed(batch)  # 2. embed
         await self._retrieve(batch)  # 3. retrieve
         batch.now = time.time()
         prepared = [self._select(batch, i) for i in range(len(batch.requests))]  # 4. select
-        await self._send(prepared)  # 5. send
+        if self.handoff is None:
+            await self._send(prepared)  # 5. send
+        else:
+            await self._hand_over(prepared, batch.events)  # 5. hand over in process
 
-    async def _parse(self, events: Sequence[faust.EventT[bytes]]) -> list[tuple[RequestRecord, Coordinates]]:
+    async def _parse(
+        self, events: Sequence[faust.EventT[bytes]]
+    ) -> list[tuple[RequestRecord, Coordinates, faust.EventT[bytes]]]:
         """1. The valid requests with their coordinates; every bad one is rejected (and awaited)."""
-        valid: list[tuple[RequestRecord, Coordinates]] = []
+        valid: list[tuple[RequestRecord, Coordinates, faust.EventT[bytes]]] = []
         for event in events:
             coords = Coordinates.of(event)
             try:
-                valid.append((await self._parse_one(event.value), coords))
+                valid.append((await self._parse_one(event.value), coords, event))
             except BadInput as exc:
                 await self.rejecter.reject(coords, event.value, exc)
         return valid
@@ -152,23 +183,18 @@ class Preparer:
         batch.seconds["embed"] = time.perf_counter() - t
 
     async def _retrieve(self, batch: _Batch) -> None:
-        """3. Candidates per request, one search per tenant (no query ever spans tenants)."""
+        """3. Candidates per request: ``search_batch``, one search per tenant, all in flight at once
+        (one call for a one-tenant batch; no query ever spans tenants)."""
         t = time.perf_counter()
         batch.hits = [[] for _ in batch.requests]
         store = self.res.store
         if batch.vectors is not None and store is None:
             batch.bypass = "store_unavailable"
         elif batch.vectors is not None and store is not None:
-            by_tenant: dict[str, list[int]] = defaultdict(list)
-            for i, r in enumerate(batch.requests):
-                by_tenant[r.tenant].append(i)
             try:
-                for tenant, rows in by_tenant.items():
-                    found = await store.search(
-                        tenant, batch.vectors[rows], limit=self.res.settings.selection.top_k
-                    )
-                    for row, row_hits in zip(rows, found, strict=True):
-                        batch.hits[row] = row_hits
+                batch.hits = await store.search_batch(
+                    [r.tenant for r in batch.requests], batch.vectors, limit=self.res.settings.selection.top_k
+                )
             except DependencyUnavailable:
                 log.warning("vector store unavailable; serving this batch without examples", exc_info=True)
                 batch.bypass = "store_failed"
@@ -226,6 +252,42 @@ class Preparer:
         for stage, value in seconds.items():
             metrics.observe_stage(stage, value)
 
+    async def _hand_over(
+        self, prepared: Sequence[PreparedRecord], events: Sequence[faust.EventT[bytes]]
+    ) -> None:
+        """5 (``worker.prepared_hop = "inline"``). Serve each record in this process, at most
+        ``worker.concurrency`` at once, without waiting for the batch: the next batch is embedded while
+        this one generates, as with the topic. Reply-then-commit still holds: each event's message gets
+        one more reference here, so ``take_events``' ack leaves it uncommitted; the serve task acks it
+        after the reply and the log record are delivered. A task that raises leaves its offset
+        uncommitted and re-raises from the next batch (the agent's supervisor restarts it, as it would
+        restart serve). The wait for a free slot is the ``handoff`` stage."""
+        for record, event in zip(prepared, events, strict=True):
+            queued = time.perf_counter()
+            await self._slots.acquire()
+            record.timings_ms["handoff"] = _ms(time.perf_counter() - queued)
+            self.res.metrics.observe_stage("handoff", time.perf_counter() - queued)
+            event.message.incref()
+            self.res.inflight += 1
+            task = asyncio.create_task(self._serve_inline(record, event))
+            self._serving.add(task)
+            task.add_done_callback(self._serving.discard)
+
+    async def _serve_inline(self, record: PreparedRecord, event: faust.EventT[bytes]) -> None:
+        assert self.handoff is not None
+        try:
+            await self.handoff(record)
+            event.ack()
+        except Exception as exc:
+            log.exception(
+                "in-process serve failed for request %s; its offset stays uncommitted",
+                record.request.request_id,
+            )
+            self._failed = exc
+        finally:
+            self._slots.release()
+            self.res.inflight -= 1
+
     async def _send(self, prepared: Sequence[PreparedRecord]) -> None:
         """5. Send every record (stamped ``sent_at`` for serve's ``kafka_hop``), then await every delivery."""
         futures = []
@@ -237,7 +299,15 @@ class Preparer:
 
 
 def register_prepare(app: faust.App, topics: Topics, res: Resources, state: DecisionState) -> None:
-    preparer = Preparer(app, topics, res, state)
+    """With ``worker.prepared_hop = "inline"`` prepared records never cross the prepared topic: a
+    ``Server`` in this process serves them (the serve agent stays registered for records already on
+    the topic). ``"kafka"`` keeps the topic, for deployments where the two stages scale apart."""
+    handoff = None
+    if res.settings.worker.prepared_hop == "inline":
+        from .serve import Server
+
+        handoff = Server(app, topics, res, state).handle
+    preparer = Preparer(app, topics, res, state, handoff=handoff)
     emb = res.settings.embedding
 
     @app.agent(topics.requests, name="echolm.prepare")

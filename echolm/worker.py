@@ -77,6 +77,10 @@ def watch_liveness(app: faust.App, settings: Settings) -> Liveness:
 def run_worker(settings: Settings, *, role: str | None = None) -> int:
     if role:
         settings = settings.model_copy(update={"worker": settings.worker.model_copy(update={"role": role})})
+    if settings.worker.event_loop == "uvloop":
+        import uvloop  # the 'uvloop' extra; faust's worker creates its loop from the policy
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     built = build_app(settings)
     liveness = watch_liveness(built.app, settings)
     serve_metrics(built.resources.metrics, settings.worker.metrics_port, liveness=liveness)

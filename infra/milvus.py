@@ -51,6 +51,7 @@ from .milvus_schema import (
     ALL_FIELDS,
     MAX_REQUEST_BYTES,
     MAX_RESPONSE_BYTES,
+    SCALAR_FIELDS,
     batches_by_size,
     build_schema,
     chunks,
@@ -64,7 +65,7 @@ from .milvus_schema import (
     to_row,
     where,
 )
-from .protocols import Example, SearchHit, Vector
+from .protocols import Example, SearchHit, Vector, rows_by_tenant
 from .settings import MilvusSettings
 
 __all__ = [
@@ -237,6 +238,25 @@ class MilvusExampleStore:
             out.append(row_hits)
         return out
 
+    async def search_batch(
+        self, tenants: Sequence[str], vectors: Vector, *, limit: int, include_unusable: bool = False
+    ) -> list[list[SearchHit]]:
+        """Row i's ``limit`` nearest examples of ``tenants[i]``: one ``search`` per distinct tenant (the
+        same filter, ``limit``, output fields and consistency level), all in flight at once."""
+        matrix = self._matrix(vectors)
+        rows_of = rows_by_tenant(tenants, matrix.shape[0])
+        found = await asyncio.gather(
+            *(
+                self.search(t, matrix[rows], limit=limit, include_unusable=include_unusable)
+                for t, rows in rows_of.items()
+            )
+        )
+        out: list[list[SearchHit]] = [[] for _ in range(matrix.shape[0])]
+        for rows, hits in zip(rows_of.values(), found, strict=True):
+            for row, row_hits in zip(rows, hits, strict=True):
+                out[row] = row_hits
+        return out
+
     async def upsert(self, examples: Sequence[Example]) -> None:
         """Insert or overwrite by ``example_id`` (the last of duplicates in one call wins)."""
         if not examples:
@@ -296,8 +316,13 @@ class MilvusExampleStore:
         found = {e.example_id: e for e in await self._fetch(tenant, sorted(set(example_ids)))}
         return [found[i] for i in dict.fromkeys(example_ids) if i in found]
 
-    async def scan(self, tenant: str | None = None, *, batch_size: int = 1000) -> list[Example]:
+    async def scan(
+        self, tenant: str | None = None, *, batch_size: int = 1000, with_embeddings: bool = True
+    ) -> list[Example]:
         """Every example (of ``tenant`` if given), sorted by ``example_id``, fetched ``batch_size`` at a time.
+        ``with_embeddings=False`` leaves the vectors out (an empty ``embedding``): they are most of the
+        bytes Milvus sends and the CPU pymilvus spends decoding (about a third of a serving worker's CPU
+        while eviction scanned 100k examples every minute; docs/profiles, BENCHMARKS.md).
 
         Two phases, so paging does not depend on result order (Milvus Lite returns query pages in
         insertion order, a server in key order): first every matching id, then the rows by id.
@@ -317,8 +342,9 @@ class MilvusExampleStore:
         )
         ids = sorted({str(r["example_id"]) for r in rows})
         out: list[Example] = []
+        fields = ALL_FIELDS if with_embeddings else SCALAR_FIELDS
         for chunk in chunks(ids, min(batch_size, _IDS_PER_EXPRESSION)):
-            out.extend(await self._fetch(tenant, chunk))
+            out.extend(await self._fetch(tenant, chunk, fields))
         out.sort(key=lambda e: e.example_id)
         return out
 
@@ -337,7 +363,9 @@ class MilvusExampleStore:
         return int(rows[0]["count(*)"]) if rows else 0
 
     # -- internals ---------------------------------------------------------------------------------
-    async def _fetch(self, tenant: str | None, ids: Sequence[str]) -> list[Example]:
+    async def _fetch(
+        self, tenant: str | None, ids: Sequence[str], fields: Sequence[str] = ALL_FIELDS
+    ) -> list[Example]:
         client, _ = await self._client()
         out: list[Example] = []
         for chunk in chunks(ids, _IDS_PER_EXPRESSION):
@@ -346,7 +374,7 @@ class MilvusExampleStore:
                 client.query(
                     self.collection,
                     filter=where(tenant, chunk),
-                    output_fields=ALL_FIELDS,
+                    output_fields=list(fields),
                     consistency_level=self._read_level(),
                     timeout=self._settings.timeout_s,
                 ),

@@ -208,7 +208,7 @@ def from_row(row: Any) -> Example:
         tenant=str(row["tenant"]),
         request=str(row["request"]),
         response=str(row["response"]),
-        embedding=to_vector(row["embedding"]),
+        embedding=to_vector(row["embedding"]) if "embedding" in row else np.zeros(0, dtype=np.float32),
         model_tier=str(row["model_tier"]),
         quality=float(row["quality"]),
         gain=float(row["gain"]),

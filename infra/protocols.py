@@ -26,6 +26,7 @@ __all__ = [
     "QueueDepthProbe",
     "SearchHit",
     "VectorStore",
+    "rows_by_tenant",
 ]
 
 Vector = npt.NDArray[np.float32]
@@ -114,6 +115,16 @@ class QueueDepth:
         return self.waiting + self.running
 
 
+def rows_by_tenant(tenants: Sequence[str], rows: int) -> dict[str, list[int]]:
+    """Row indexes per tenant, tenants in first-seen order (``VectorStore.search_batch``'s grouping)."""
+    if isinstance(tenants, str) or len(tenants) != rows:
+        raise ValueError(f"search_batch needs one tenant per query row: {rows} rows, tenants {tenants!r:.80}")
+    out: dict[str, list[int]] = {}
+    for row, tenant in enumerate(tenants):
+        out.setdefault(tenant, []).append(row)
+    return out
+
+
 # ------------------------------------------------------------------------------------- protocols
 @runtime_checkable
 class Embedder(Protocol):
@@ -134,14 +145,24 @@ class VectorStore(Protocol):
         """Nearest examples of ``tenant`` only, for each row of ``vectors``, best first."""
         ...
 
+    async def search_batch(
+        self, tenants: Sequence[str], vectors: Vector, *, limit: int, include_unusable: bool = False
+    ) -> list[list[SearchHit]]:
+        """``search`` for a batch whose row i belongs to ``tenants[i]``: row i's hits are of that tenant
+        only. One store call per distinct tenant, all in flight at once (one call for a one-tenant batch)."""
+        ...
+
     async def upsert(self, examples: Sequence[Example]) -> None: ...
 
     async def delete(self, tenant: str, example_ids: Sequence[str]) -> None: ...
 
     async def get(self, tenant: str, example_ids: Sequence[str]) -> list[Example]: ...
 
-    async def scan(self, tenant: str | None = None, *, batch_size: int = 1000) -> list[Example]:
-        """Every stored example (of ``tenant`` if given): for export, eviction and rebuild checks."""
+    async def scan(
+        self, tenant: str | None = None, *, batch_size: int = 1000, with_embeddings: bool = True
+    ) -> list[Example]:
+        """Every stored example (of ``tenant`` if given): for export, eviction and rebuild checks.
+        ``with_embeddings=False``: every ``embedding`` is an empty array (eviction needs none)."""
         ...
 
     async def count(self, tenant: str | None = None) -> int: ...

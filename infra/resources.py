@@ -47,6 +47,12 @@ class AdapterFactories:
 async def _real_embedder(settings: Settings) -> Embedder:
     from .embedding import CachedEmbedder, SentenceTransformerEmbedder
 
+    if settings.embedding.backend == "onnx":
+        from .embedding_onnx import OnnxEmbedder
+
+        onnx = OnnxEmbedder(settings.embedding)
+        await onnx.warmup()
+        return CachedEmbedder.from_settings(onnx, settings.embedding)
     embedder = SentenceTransformerEmbedder(settings.embedding)
     await embedder.warmup()
     return CachedEmbedder.from_settings(embedder, settings.embedding)

@@ -152,6 +152,11 @@ class EmbeddingSettings(_Section):
         "none",
         description="int8 = MiniLM with dynamic int8 Linear layers (CPU only; else fp32 and a warning).",
     )
+    backend: Literal["torch", "onnx"] = Field(
+        "torch",
+        description="onnx = the same weights exported locally and run by ONNX Runtime (extra 'onnx').",
+    )
+    onnx_dir: Path = Field(Path(".echolm/onnx"), description="Where the ONNX export is written and read.")
 
 
 class BackendSettings(_Section):
@@ -303,6 +308,13 @@ class LimitsSettings(_Section):
 class WorkerSettings(_Section):
     app_id: str = Field("echolm", description="faust app id = Kafka consumer group.")
     concurrency: int = Field(8, ge=1, le=256, description="Requests one worker generates at once.")
+    prepared_hop: Literal["kafka", "inline"] = Field(
+        "kafka",
+        description="inline = prepare hands requests to serve in process (no prepared topic hop).",
+    )
+    event_loop: Literal["asyncio", "uvloop"] = Field(
+        "asyncio", description="The worker's event loop; uvloop needs the 'uvloop' extra."
+    )
     metrics_port: int = Field(9464, ge=0, le=65535, description="Prometheus /metrics; 0 disables.")
     web_port: int = Field(6066, ge=0, le=65535, description="faust's own web server; 0 picks a free one.")
     shutdown_grace_s: float = Field(10.0, ge=0, description="SIGTERM drain deadline for in-flight requests.")

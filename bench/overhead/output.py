@@ -60,7 +60,55 @@ def markdown(report: dict[str, Any]) -> str:
     if floor:
         lines += ["\n| consumer fetch_max_wait_ms | hop p50 ms | hop max ms |", "| ---: | ---: | ---: |"]
         lines += [f"| {k} | {v['p50']:.1f} | {v['max']:.1f} |" for k, v in floor.items()]
+    lines += floors_markdown(report) + summary_markdown(report)
     return "\n".join(lines)
+
+
+def _num(value: Any, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def floors_markdown(report: dict[str, Any]) -> list[str]:
+    """The floors phase: each component alone, p50 / p99 ms."""
+    floors = report.get("floors")
+    if not floors:
+        return []
+    lines = ["\n| floor (component alone) | p50 ms | p99 ms |", "| --- | ---: | ---: |"]
+    for kind in ("embed_ms", "retrieve_ms"):
+        lines += [
+            f"| {kind.removesuffix('_ms')}, batch {b} | {v['p50']:.1f} | {v['p99']:.1f} |"
+            for b, v in floors[kind].items()
+        ]
+    for kind in ("kafka_hop_ms", "generate_ms"):
+        lines.append(
+            f"| {kind.removesuffix('_ms')} | {floors[kind]['p50']:.1f} | {floors[kind]['p99']:.1f} |"
+        )
+    return lines
+
+
+def summary_markdown(report: dict[str, Any]) -> list[str]:
+    """Medians over the runs, per variant and phase, with stage/floor ratios and the peer ratio."""
+    summary = report.get("summary")
+    if not summary:
+        return []
+    peer = summary.get("peer", {})
+    lines = [
+        "\n| variant | phase | runs | overhead p50 / p99 ms | replies/s | overhead / peer p50 "
+        "| overhead / sum of floors | stage / floor p50 | CPU ms/reply (worker, milvus, broker) | load 1m |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: |",
+    ]
+    for variant, phases in summary.items():
+        for phase, c in phases.items():
+            mine, theirs = c.get("overhead_p50_ms"), peer.get(phase, {}).get("overhead_p50_ms")
+            vs_peer = _num(mine / theirs, 2) if variant != "peer" and mine and theirs else "-"
+            ratios = ", ".join(f"{k} {v:.1f}x" for k, v in c.get("ratio_p50", {}).items() if v is not None)
+            cpu = ", ".join(_num(c["cpu_ms_per_reply"].get(r)) for r in ("worker", "milvus", "broker"))
+            lines.append(
+                f"| {variant} | {phase} | {c['runs']} | {_num(mine)} / {_num(c.get('overhead_p99_ms'))} "
+                f"| {_num(c.get('replies_per_s'))} | {vs_peer} | {_num(c.get('overhead_over_floors'), 2)} "
+                f"| {ratios or '-'} | {cpu} | {_num(c.get('loadavg_1m'))} |"
+            )
+    return lines
 
 
 def compare(paths: Sequence[Path]) -> str:

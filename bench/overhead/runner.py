@@ -20,19 +20,19 @@ from tqdm import tqdm
 
 from agents.policy.prompt import build_messages
 from agents.policy.retrieval import Selected
+from bench.floors import embed_floor, measure_floors, milvus_sweep
 from bench.hostfacts import host_facts, loadavg, metadata
 from bench.overhead.bank import preload, wait_for_index
 from bench.overhead.components import direct_baseline, embed_batching, fetch_wait_floor, micro
 from bench.overhead.config import INSTANT_BACKEND, PRESETS
-from bench.overhead.cpu import cpu_delta, cpu_per_reply, cpu_snapshot, settle
-from bench.overhead.drive import drain, drive
-from bench.overhead.stages import analyse, scrape_stages, stage_deltas
+from bench.overhead.cpu import cpu_delta, cpu_snapshot, settle
+from bench.overhead.repeat import parse_variant, peer_phases, pipeline_phases, summarise, with_overrides
 from bench.overhead.workload import question
 from devstack.localstack import LocalStack, create_topics, free_port
-from devstack.workers import WorkerProcess
-from echolm.client import EchoClient
 from infra.embedding import SentenceTransformerEmbedder
-from infra.settings import load_settings, parse_overrides
+from infra.milvus import MilvusExampleStore
+from infra.protocols import Embedder, Example
+from infra.settings import Settings, load_settings, parse_overrides
 from streams.topology import topic_specs
 
 __all__ = ["run"]
@@ -43,6 +43,57 @@ def _set_overrides(pairs: Sequence[str]) -> dict[str, dict[str, Any]]:
         return parse_overrides(pairs)
     except ValueError as exc:
         raise SystemExit(str(exc)) from exc
+
+
+def _embedder(settings: Settings) -> Embedder:
+    """The worker's embedder for ``settings``, cache off (a floor measures the model)."""
+    emb = settings.embedding.model_copy(update={"cache_size": 0})
+    if emb.backend == "onnx":
+        from infra.embedding_onnx import OnnxEmbedder
+
+        return OnnxEmbedder(emb)
+    return SentenceTransformerEmbedder(emb)
+
+
+async def _floors(
+    report: dict[str, Any],
+    settings: Settings,
+    prompts: list[str],
+    vectors: np.ndarray,
+    bank: list[Example],
+    others: Sequence[Settings] = (),
+) -> None:
+    """Each component alone on this bank and stack, with the worker's settings (``bench.floors``);
+    the embed floor also for every other embedding backend a variant uses (``embed_ms_by_backend``)."""
+    alone = _embedder(settings)
+    selected = [Selected(e, 0.8, 0.6) for e in bank[: settings.selection.max_examples]]
+    messages = build_messages(settings.tgi.system_prompt, selected, prompts[0])
+    c0, t0 = cpu_snapshot(), time.perf_counter()
+    async with MilvusExampleStore(settings.milvus) as store:
+        await alone.embed(["warm-up"])
+        report["floors"] = await measure_floors(
+            settings,
+            embedder=alone,
+            store=store,
+            tenant="bench",
+            texts=prompts,
+            vectors=vectors,
+            messages=messages,
+        )
+    await alone.aclose()
+    by_backend = {settings.embedding.backend: report["floors"]["embed_ms"]}
+    for other in others:
+        if other.embedding.backend not in by_backend:
+            extra = _embedder(other)
+            await extra.embed(["warm-up"])
+            by_backend[other.embedding.backend] = await embed_floor(extra, prompts)
+            await extra.aclose()
+    report["floors"]["embed_ms_by_backend"] = by_backend
+    report["floors"]["cpu"] = cpu_delta(c0, cpu_snapshot(), time.perf_counter() - t0)
+    report["milvus_sweep"] = await milvus_sweep(
+        settings.milvus.uri, settings.milvus.collection, "bench", vectors, limit=settings.selection.top_k
+    )
+    tqdm.write(f"[floors] {json.dumps({k: v for k, v in report['floors'].items() if k != 'cpu'})}")
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -81,7 +132,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         base, milvus="server", ephemeral=True, data_dir=data_dir, backend_engine="emulated",
         backend_args=INSTANT_BACKEND, progress=lambda m: tqdm.write(f"[stack] {m}"),
     )  # fmt: skip
-    worker: WorkerProcess | None = None
     began = time.perf_counter()
     try:
         await stack.start()
@@ -92,10 +142,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await embedder.warmup()
         real, bank, bank_timings = await preload(settings, embedder, preset, rng)
         timings: dict[str, Any] = bank_timings  # plus the index and settle reports below
+        # Index building and compaction after the bulk load: a phase of its own, never measured with others.
+        c0, t0 = cpu_snapshot(), time.perf_counter()
         timings["index"] = await asyncio.to_thread(
             wait_for_index, settings, preset.examples, preset.index_timeout_s
         )
         timings["milvus_settle"] = await asyncio.to_thread(settle, "milvus", preset.index_timeout_s)
+        timings["index_phase_cpu"] = cpu_delta(c0, cpu_snapshot(), time.perf_counter() - t0)
         report["bank"] = {"examples": preset.examples, "real_embeddings": len(bank), **timings}
         tqdm.write(f"[bank] {json.dumps(report['bank'])}")
 
@@ -125,50 +178,28 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 settings.kafka.bootstrap_servers, (1500, 500, 100, 25, 10, 5)
             )
             tqdm.write(f"[fetch wait] {json.dumps(report['fetch_wait_floor_ms'])}")
-        worker = WorkerProcess(settings, log_path=data_dir / "worker.log", name="bench-worker")
-        worker.start()
-        await worker.wait_ready(timeout_s=120)
-        port = settings.worker.metrics_port
-        async with EchoClient(settings) as client:
-            await drive(client, [question(rng) for _ in range(100)], rate=25, desc="warm-up",
-                        max_new_tokens=preset.max_new_tokens, timeout_s=60)  # fmt: skip
-            report["warmup_drain"] = await drain(client, 60)
-            steps = ((preset.low_rate, preset.low_duration_s), (preset.rate, preset.duration_s))
-            phases: list[tuple[str, list[str], float | None, float]] = [
-                (f"steady@{rate:g}", [question(rng) for _ in range(int(rate * seconds))], rate, 30.0)
-                for rate, seconds in steps
-                if rate > 0
-            ]
-            burst = [question(rng) for _ in range(preset.saturate)]
-            phases.append(("saturation", burst, None, preset.saturate_window_s))
-            for name, prompts, rate, wait_s in phases:
-                scrape0, cpu0, t0 = (
-                    await asyncio.to_thread(scrape_stages, port),
-                    cpu_snapshot(),
-                    time.perf_counter(),
+        variants = [("default", {}), *(parse_variant(v) for v in args.variant)]
+        if args.floors:
+            others = [with_overrides(settings, o) for _, o in variants[1:]]
+            await _floors(report, settings, prompts, qvecs, bank, others)
+        runs: list[dict[str, Any]] = []
+        for i in range(args.runs):
+            for name, overrides in variants:
+                tqdm.write(f"[run {i + 1}/{args.runs}] pipeline, variant {name}")
+                chosen = with_overrides(settings, overrides)
+                phases = await pipeline_phases(chosen, preset, rng, data_dir / f"worker-{name}-{i}.log")
+                runs.append(
+                    {"run": i, "variant": name, "embedding_backend": chosen.embedding.backend, **phases}
                 )
-                replies, send_s, elapsed = await drive(
-                    client, prompts, rate=rate, desc=name if rate is None else f"{name} {rate:g} req/s",
-                    max_new_tokens=preset.max_new_tokens, timeout_s=wait_s,
-                )  # fmt: skip
-                scrape1, cpu1, t1 = (
-                    await asyncio.to_thread(scrape_stages, port),
-                    cpu_snapshot(),
-                    time.perf_counter(),
-                )
-                report[name] = {
-                    "rate": rate, "sent": len(prompts), "send_s": send_s, "sent_per_s": len(prompts) / send_s,
-                    "elapsed_s": elapsed, **analyse(replies, elapsed),
-                    "worker_metrics_ms": stage_deltas(scrape0, scrape1),
-                    "cpu": cpu_per_reply(cpu_delta(cpu0, cpu1, t1 - t0), t1 - t0, len(replies)),
-                }  # fmt: skip
-                if name != "saturation":  # a backlog left by this phase would skew the next one
-                    report[name]["drain"] = await drain(client, preset.saturate_window_s)
-            report["client_duplicates"] = client.duplicates
+            if args.peer:
+                tqdm.write(f"[run {i + 1}/{args.runs}] in-process peer ({variants[-1][0]} settings)")
+                peer = await peer_phases(with_overrides(settings, variants[-1][1]), preset, rng)
+                runs.append({"run": i, "variant": "peer", **peer})
+        first = runs[0]
+        report.update({k: v for k, v in first.items() if k not in ("run", "variant", "embedding_backend")})
+        report["runs"] = runs
+        report["summary"] = summarise(runs, report.get("floors"), report.get("micro"))
     finally:
-        if worker is not None:
-            report["worker_exit"] = await worker.stop(timeout_s=20)
-            report["worker_log_tail"] = worker.log_tail(15).splitlines()
         await stack.stop()
         report["wall_s"] = time.perf_counter() - began
         report["machine"]["loadavg_end"] = loadavg()

@@ -105,6 +105,35 @@ class TestVectorStoreContract:
         assert [[h.example.example_id for h in row] for row in results] == [["y"], ["x"]]
         assert await store.search("acme", np.zeros((0, DIM), dtype=np.float32), limit=3) == []
 
+    async def test_search_batch_answers_each_row_from_its_own_tenant(self, store: VectorStore) -> None:
+        await store.upsert([
+            example("a-x", tenant="a", vector=unit(1.0)),
+            example("a-y", tenant="a", vector=unit(0.0, 1.0)),
+            example("b-x", tenant="b", vector=unit(1.0, 0.1)),
+            example("b-bad", tenant="b", vector=unit(1.0), usable=False),
+        ])  # fmt: skip
+        queries = np.stack([unit(1.0), unit(1.0), unit(0.0, 1.0), unit(1.0)])
+        results = await store.search_batch(["a", "b", "a", "nobody"], queries, limit=5)
+        assert [[h.example.example_id for h in row] for row in results] == [
+            ["a-x", "a-y"],
+            ["b-x"],
+            ["a-y", "a-x"],
+            [],
+        ]
+        # the same hits, scores and order as one search per row
+        for tenant, row, hits in zip(["a", "b", "a", "nobody"], queries, results, strict=True):
+            [alone] = await store.search(tenant, row[None, :], limit=5)
+            assert [(h.example.example_id, round(h.similarity, 4)) for h in hits] == [
+                (h.example.example_id, round(h.similarity, 4)) for h in alone
+            ]
+        [with_bad] = await store.search_batch(["b"], unit(1.0)[None, :], limit=5, include_unusable=True)
+        assert [h.example.example_id for h in with_bad] == ["b-bad", "b-x"]
+        assert await store.search_batch([], np.zeros((0, DIM), dtype=np.float32), limit=3) == []
+        with pytest.raises(ValueError, match="one tenant per query row"):
+            await store.search_batch(["a"], queries, limit=1)
+        with pytest.raises(SchemaError):
+            await store.search_batch(["a", ""], queries[:2], limit=1)
+
     async def test_near_identical_vectors_never_cross_tenants(self, store: VectorStore) -> None:
         await store.upsert([
             example("a-1", tenant="a", vector=unit(1.0, 0.001)),
@@ -172,6 +201,18 @@ class TestVectorStoreContract:
         assert [e.example_id for e in scanned] == sorted(ids)
         assert [e.example_id for e in await store.scan(batch_size=2)] == sorted([*ids, "q0", "q1"])
         assert await store.scan("nobody") == []
+
+    async def test_scan_without_embeddings_keeps_everything_else(self, store: VectorStore) -> None:
+        originals = [
+            example("w1", quality=0.25, vector=unit(0.3, 0.4)),
+            example("w2", usable=False, gain=2.0),
+        ]
+        await store.upsert(originals)
+        light = await store.scan("acme", with_embeddings=False)
+        assert [e.embedding.shape for e in light] == [(0,), (0,)]
+        assert [replace(e, embedding=o.embedding) for e, o in zip(light, originals, strict=True)] == originals
+        full = await store.scan("acme")
+        np.testing.assert_allclose(full[0].embedding, originals[0].embedding, rtol=1e-6)
 
     async def test_count(self, store: VectorStore) -> None:
         assert await store.count() == 0

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 import numpy.typing as npt
 
 from infra.errors import DependencyUnavailable, LimitExceeded, SchemaError
-from infra.protocols import Example, SearchHit
+from infra.protocols import Example, SearchHit, rows_by_tenant
 
 __all__ = ["FakeVectorStore"]
 
@@ -100,6 +101,23 @@ class FakeVectorStore:
             out.append([SearchHit(candidates[i], float(row[i])) for i in order[:limit]])
         return out
 
+    async def search_batch(
+        self,
+        tenants: Sequence[str],
+        vectors: npt.NDArray[np.float32],
+        *,
+        limit: int,
+        include_unusable: bool = False,
+    ) -> list[list[SearchHit]]:
+        self.calls["search_batch"] += 1
+        matrix = self._matrix(vectors)
+        out: list[list[SearchHit]] = [[] for _ in range(matrix.shape[0])]
+        for tenant, rows in rows_by_tenant(tenants, matrix.shape[0]).items():
+            found = await self.search(tenant, matrix[rows], limit=limit, include_unusable=include_unusable)
+            for row, hits in zip(rows, found, strict=True):
+                out[row] = hits
+        return out
+
     async def upsert(self, examples: Sequence[Example]) -> None:
         self._enter("upsert")
         checked = [self._checked(e) for e in examples]
@@ -120,13 +138,17 @@ class FakeVectorStore:
         found = [self._rows.get(i) for i in dict.fromkeys(example_ids)]
         return [e for e in found if e is not None and e.tenant == tenant]
 
-    async def scan(self, tenant: str | None = None, *, batch_size: int = 1000) -> list[Example]:
+    async def scan(
+        self, tenant: str | None = None, *, batch_size: int = 1000, with_embeddings: bool = True
+    ) -> list[Example]:
         self._enter("scan")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if tenant is not None:
             _check_key(tenant, "tenant", MAX_TENANT_BYTES)
         rows = [e for e in self._rows.values() if tenant is None or e.tenant == tenant]
+        if not with_embeddings:
+            rows = [replace(e, embedding=np.zeros(0, dtype=np.float32)) for e in rows]
         return sorted(rows, key=lambda e: e.example_id)
 
     async def count(self, tenant: str | None = None) -> int:

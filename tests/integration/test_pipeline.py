@@ -69,8 +69,11 @@ def _assert_paraphrases_used_own_pairs(
             assert ids <= own_ids | {example_id(tenant, p) for _, p in QUESTIONS}
 
 
-async def test_fifty_requests_two_tenants_end_to_end(pipeline_factory: PipelineFactory) -> None:
-    pipeline = await pipeline_factory(workers=1)
+@pytest.mark.parametrize("hop", ["kafka", "inline"])
+async def test_fifty_requests_two_tenants_end_to_end(pipeline_factory: PipelineFactory, hop: str) -> None:
+    """The same 50 requests whether prepared records cross the prepared topic or are handed to serve
+    in process (``worker.prepared_hop``)."""
+    pipeline = await pipeline_factory(workers=1, worker={"prepared_hop": hop})
     settings = pipeline.settings
     originals: dict[tuple[str, str], str] = {}
     async with EchoClient(settings) as client:
@@ -111,6 +114,9 @@ async def test_fifty_requests_two_tenants_end_to_end(pipeline_factory: PipelineF
 
     for tenant in TENANTS:
         _assert_paraphrases_used_own_pairs(tenant, log, sent)
+    prepared = await read_topic(settings, settings.topic("prepared"))
+    # kafka: every request crossed the prepared topic (at least once); inline: none did
+    assert len(prepared) >= 50 if hop == "kafka" else prepared == []
 
 
 async def _hold_queue(url: str, n: int, tokens: int) -> list[asyncio.Task[httpx.Response]]:

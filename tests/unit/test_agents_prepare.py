@@ -3,6 +3,7 @@ at a time, with ``FakeEmbedder``, ``FakeVectorStore`` and fake topics (no broker
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -165,7 +166,8 @@ async def test_retrieval_never_crosses_tenants(prep: Prep) -> None:
     assert [e.response for e in by_id["a"].examples] == ["acme's answer"]
     assert [e.response for e in by_id["g"].examples] == ["globex's answer"]
     assert by_id["i"].examples == []
-    assert prep.store.calls["search"] == 3  # one search per tenant, each filtered to that tenant
+    assert prep.store.calls["search_batch"] == 1  # one batched call for the batch ...
+    assert prep.store.calls["search"] == 3  # ... that searches once per tenant, each filtered to it
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -283,3 +285,38 @@ async def test_the_prepare_agent_batches_its_stream(prep: Prep, monkeypatch: pyt
     (record,) = prep.out()
     assert record.request.request_id == "r1" and record.selection_bypassed == ""
     assert prep.h.resources.inflight == 0
+
+
+# ------------------------------------------------------------------------- in process (no prepared hop)
+async def test_inline_handoff_serves_in_process_and_commits_only_after_serving(prep: Prep) -> None:
+    """``worker.prepared_hop = "inline"``: nothing crosses the prepared topic, the batch returns before
+    its requests are served (the next batch is not held up), and each event stays uncommitted until
+    its serve finished; a serve that raises leaves its event uncommitted and fails the next batch."""
+    release, served = asyncio.Event(), []
+
+    async def serve(record: PreparedRecord) -> None:
+        await release.wait()
+        if record.request.request_id == "boom":
+            raise RuntimeError("serve broke")
+        served.append(record)
+
+    inline = Preparer(prep.h.app, prep.h.topics, prep.h.resources, prep.h.state, handoff=serve)
+    events = [prep.request("r1", "hello there"), prep.request("boom", "and again")]
+    for event in events:
+        event.message.incref()  # the stream's own reference, as faust takes it on delivery
+    await inline.handle_batch(events)
+    for event in events:
+        event.ack()  # what take_events does when the loop body returns
+    assert prep.prepared.values == [] and served == []
+    assert [e.message.acked for e in events] == [False, False]  # not committable: not served yet
+    assert prep.h.resources.inflight == 2
+    release.set()
+    while inline._serving:  # noqa: ASYNC110 - waits for the two serve tasks this test started
+        await asyncio.sleep(0.01)
+    assert [r.request.request_id for r in served] == ["r1"]
+    assert {"parse", "embed", "retrieve", "select", "handoff"} <= set(served[0].timings_ms)
+    assert "sent_at" not in served[0].timings_ms
+    assert [e.message.acked for e in events] == [True, False]  # the failed one stays uncommitted
+    assert prep.h.resources.inflight == 0
+    with pytest.raises(RuntimeError, match="serve broke"):
+        await inline.handle_batch([prep.request("r2", "next batch")])
