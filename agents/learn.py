@@ -65,6 +65,31 @@ def decision_from_log(record: LogRecord, dim: int, large_tier: str) -> RecentDec
     )
 
 
+async def _await_decision(state: DecisionState, request_id: str) -> RecentDecision | None:
+    decision = state.recent.get(request_id)
+    for _ in range(_JOIN_WAIT_STEPS):  # the log record may trail the feedback by a moment
+        if decision is not None:
+            break
+        await asyncio.sleep(0.1)
+        decision = state.recent.get(request_id)
+    return decision
+
+
+def _model_update(fb: FeedbackRecord, decision: RecentDecision, worker: str) -> ModelUpdateRecord:
+    reward = float(min(1.0, max(0.0, fb.score)))
+    return ModelUpdateRecord(
+        request_id=fb.request_id,
+        tier=decision.tier,
+        context=[float(v) for v in decision.context],
+        reward=reward,
+        example_features=[[float(v) for v in f] for f in decision.example_features],
+        utilities=list(decision.utilities),
+        worker=worker,
+        at=time.time(),
+        rater=fb.rater,
+    )
+
+
 def register_learn(app: faust.App, topics: Topics, res: Resources, state: DecisionState) -> None:
     dim = res.settings.milvus.dimension
     metrics = res.metrics
@@ -84,27 +109,11 @@ def register_learn(app: faust.App, topics: Topics, res: Resources, state: Decisi
             if state.has_rating(fb.request_id, fb.rater):
                 metrics.feedback.labels("duplicate").inc()
                 continue
-            decision = state.recent.get(fb.request_id)
-            for _ in range(_JOIN_WAIT_STEPS):  # the log record may trail the feedback by a moment
-                if decision is not None:
-                    break
-                await asyncio.sleep(0.1)
-                decision = state.recent.get(fb.request_id)
+            decision = await _await_decision(state, fb.request_id)
             if decision is None:
                 metrics.feedback.labels("unjoined").inc()
                 continue
-            reward = float(min(1.0, max(0.0, fb.score)))
-            update = ModelUpdateRecord(
-                request_id=fb.request_id,
-                tier=decision.tier,
-                context=[float(v) for v in decision.context],
-                reward=reward,
-                example_features=[[float(v) for v in f] for f in decision.example_features],
-                utilities=list(decision.utilities),
-                worker=res.worker_id,
-                at=time.time(),
-                rater=fb.rater,
-            )
+            update = _model_update(fb, decision, res.worker_id)
             fut = await topics.model_updates.send(key=fb.tenant, value=update)
             await fut
             metrics.feedback.labels("joined").inc()

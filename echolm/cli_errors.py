@@ -77,6 +77,11 @@ def describe(exc: BaseException, settings: Settings) -> CliFailure | None:
     kafka = _kafka(exc, settings) or (_kafka(exc.__cause__, settings) if exc.__cause__ else None)
     if kafka is not None:
         return kafka
+    return _service_failure(exc, settings) or _local_failure(exc)
+
+
+def _service_failure(exc: BaseException, settings: Settings) -> CliFailure | None:
+    """A timeout, or a service (Milvus, a model backend) that cannot be reached."""
     if isinstance(exc, ClientTimeout):
         return CliFailure(
             "timeout",
@@ -95,6 +100,11 @@ def describe(exc: BaseException, settings: Settings) -> CliFailure | None:
             f"a model backend cannot serve: {exc}",
             "check ECHOLM_TGI__BACKENDS and that the servers run",
         )
+    return None
+
+
+def _local_failure(exc: BaseException) -> CliFailure | None:
+    """A local cause: the dev stack, a port in use, an unreadable input, a missing topic, HTTP."""
     if _is_local_stack_error(exc):
         kind = "port" if "in use" in str(exc) else "stack"
         what, _, todo = str(exc).partition("; ")

@@ -122,18 +122,8 @@ def _turns(messages: Any) -> list[dict[str, str]]:
     return turns
 
 
-def chat_request_body(
-    payload: Any,
-    *,
-    request_id: str,
-    tenant: str,
-    settings: Settings,
-    deadline_s: float,
-    models: Sequence[str],
-) -> tuple[dict[str, Any], str]:
-    """The v2 request record for an OpenAI chat request, validated; and the model name to echo."""
-    if not isinstance(payload, dict):
-        raise bad_request("the body must be a JSON object")
+def _checked_model(payload: dict[str, Any], models: Sequence[str]) -> str:
+    """The requested model name; only the automatic model is served."""
     model = payload.get("model")
     if not isinstance(model, str) or not model:
         raise bad_request(f"model is required; use {AUTO_MODEL!r}", param="model")
@@ -152,6 +142,11 @@ def chat_request_body(
             param="model",
             code="model_not_found",
         )
+    return model
+
+
+def _check_arguments(payload: dict[str, Any]) -> None:
+    """Reject an argument this gateway does not know, or a known one away from its default."""
     for name, value in payload.items():
         if name in _OURS or name in _IGNORED:
             continue
@@ -162,8 +157,11 @@ def chat_request_body(
             raise bad_request(
                 f"{name}={str(value)[:40]} is not supported; leave it at its default", param=name
             )
-    if "max_tokens" in payload and "max_completion_tokens" in payload:
-        raise bad_request("send max_tokens or max_completion_tokens, not both", param="max_tokens")
+
+
+def _request_body(
+    payload: dict[str, Any], *, request_id: str, tenant: str, deadline_s: float
+) -> dict[str, Any]:
     body: dict[str, Any] = {
         "version": 2,
         "request_id": request_id,
@@ -177,6 +175,26 @@ def chat_request_body(
     for name in ("temperature", "top_p", "stop", "seed", "stream"):
         if payload.get(name) is not None:
             body[name] = payload[name]
+    return body
+
+
+def chat_request_body(
+    payload: Any,
+    *,
+    request_id: str,
+    tenant: str,
+    settings: Settings,
+    deadline_s: float,
+    models: Sequence[str],
+) -> tuple[dict[str, Any], str]:
+    """The v2 request record for an OpenAI chat request, validated; and the model name to echo."""
+    if not isinstance(payload, dict):
+        raise bad_request("the body must be a JSON object")
+    model = _checked_model(payload, models)
+    _check_arguments(payload)
+    if "max_tokens" in payload and "max_completion_tokens" in payload:
+        raise bad_request("send max_tokens or max_completion_tokens, not both", param="max_tokens")
+    body = _request_body(payload, request_id=request_id, tenant=tenant, deadline_s=deadline_s)
     try:
         validate_request(body, default_reply_topic=settings.topic("replies"), limits=settings.limits)
     except BadInput as exc:

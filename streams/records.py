@@ -440,10 +440,7 @@ def _validate_sampling(data: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def validate_request(
-    data: dict[str, Any], *, default_reply_topic: str, limits: LimitsSettings, now: float | None = None
-) -> RequestRecord:
-    version = _request_version(data)
+def _check_fields(data: dict[str, Any], version: int) -> None:
     allowed = _REQUEST_FIELDS if version == 1 else _REQUEST_FIELDS_V2
     unknown = set(data) - allowed
     if unknown:
@@ -451,6 +448,10 @@ def validate_request(
             f"unknown fields {sorted(unknown)[:5]} for a version {version} request; "
             f"allowed: {sorted(allowed)}"
         )
+
+
+def _identity(data: dict[str, Any], limits: LimitsSettings) -> tuple[str, str]:
+    """The request id and the tenant, validated."""
     request_id = _field(data, "request_id", str)
     if not _ID.fullmatch(request_id):
         raise SchemaError("request_id must be 1-128 characters of letters, digits and ._:-")
@@ -459,6 +460,15 @@ def validate_request(
         raise SchemaError(f"tenant must match {limits.tenant_pattern}")
     if limits.tenants is not None and tenant not in limits.tenants:
         raise UnknownTenant(f"unknown tenant {tenant!r}; configured tenants: {sorted(limits.tenants)[:10]}")
+    return request_id, tenant
+
+
+def validate_request(
+    data: dict[str, Any], *, default_reply_topic: str, limits: LimitsSettings, now: float | None = None
+) -> RequestRecord:
+    version = _request_version(data)
+    _check_fields(data, version)
+    request_id, tenant = _identity(data, limits)
     chat: dict[str, Any] = {}
     if version == 1:
         prompt = _field(data, "prompt", str)

@@ -24,49 +24,9 @@ def host_line(machine: Mapping[str, Any]) -> str:
     )
 
 
-def baselines_section(result: Mapping[str, Any]) -> str:
-    """The BENCHMARKS.md section for the fleet benchmark, from one result JSON."""
-    m, p, h = result["machine"], result["preset"], result["headline"]
-    services = result["services"]
-    sat = result["summaries"].get("saturation", {})
-    burst = result["summaries"].get("burst", {})
-    small, large = services["small"], services["large"]
-    loads = [
-        float(f[key][0])
-        for f in result.get("systems", {}).values()
-        if isinstance(f, Mapping)
-        for key in ("loadavg_before", "loadavg_after")
-        if key in f
-    ]
-    between = f", {min(loads):.1f}-{max(loads):.1f} between systems" if loads else ""
-    lines = [
-        "## echolm against the baselines (issue 4)",
-        "",
-        f"Command: `{result.get('command') or 'echolm bench fleet --preset ' + p['name']}`, then "
-        f"`echolm bench report --preset {p['name']} --update-benchmarks`. "
-        f"Machine: {host_line(m)}; load average {m['loadavg_end'][0]:.1f} when the run ended{between} "
-        "(a shared machine: "
-        f"other jobs ran alongside). Wall time {result['wall_s'] / 60:.1f} min. Details and caveats: "
-        "docs/benchmarks.md.",
-        "",
-        "What is what: **measured** = every latency, throughput, routing decision, cache hit and example "
-        "selection, end to end on real Kafka (Tansu), Milvus, MiniLM and the echolm worker; **emulated** = "
-        f"the GPUs: {p['slots']} emulated replicas per system, TGI protocol, continuous batching up to "
-        f"{p['max_batch_size']} sequences, service times from H100 measurements of a {small['name']} "
-        f"(small) and an {large['name']} (large) Llama-shaped decoder "
-        f"(calibration section below) slowed down {services['time_scale']:g}x so that the fleet, not this "
-        "2-core host, is the bottleneck; **modelled** = quality: each reply's win rate against the large "
-        "model is looked up from the condition it was served under (table below), so quality differences "
-        "come from *where* requests went and *which examples* they got, both measured.",
-        "",
-        f"Systems, each on {p['slots']} emulated GPUs: large-only ({p['slots']} x {large['name']}), "
-        "small-only "
-        f"({p['slots']} x {small['name']}), semantic cache (cosine >= {result['semantic_cache_threshold']:g} "
-        f"returns the cached answer, else large; {p['slots']} x {large['name']}), echolm-load-blind "
-        f"(echolm with `routing.load_lambda=0`, the RouteLLM-style stand-in) and echolm; the last two on "
-        f"{p['echolm_small']} x {small['name']} + {p['slots'] - p['echolm_small']} x {large['name']}.",
-        "",
-    ]
+def _system_rows(sat: Mapping[str, Any], burst: Mapping[str, Any]) -> list[str]:
+    """The per-system table: capacity, burst latency, win rates, offload."""
+    lines: list[str] = []
     lines.append(
         "| system | capacity (req/s, saturation) | p50 / p99 under the burst (s) | "
         "win rate vs large, burst (95% CI) | win rate, saturation | offload burst / saturation |"
@@ -85,7 +45,12 @@ def baselines_section(result: Mapping[str, Any]) -> str:
             f"| {fmt(b['offload_ratio'], '.0%')} / {fmt(s['offload_ratio'], '.0%')} |"
         )
     lines.append("")
-    ratios = []
+    return lines
+
+
+def _ratio_lines(result: Mapping[str, Any], h: Mapping[str, Any]) -> list[str]:
+    """The headline ratios against large-only, the load-blind router and semantic caching."""
+    ratios: list[str] = []
     if "saturation_throughput_gain_vs_large" in h:
         low, high = h["saturation_echolm_quality_ci"]
         verdict = {
@@ -140,7 +105,80 @@ def baselines_section(result: Mapping[str, Any]) -> str:
             f"{fmt(vc['echolm_quality'], '.3f')} ({vc['quality_gain_at_equal_hit_rate']:+.3f}); "
             f"{at_quality}. From the offline threshold sweep over the same stream (plot below)."
         )
-    lines += [*ratios, ""]
+    return ratios
+
+
+def _what_if_lines(what_if: Mapping[str, Any]) -> list[str]:
+    """The same served requests scored with the other quality table."""
+    lines: list[str] = []
+    lines.append(
+        "The same served requests scored with the other quality table (what-if: conditions are measured, "
+        "the table is the model):"
+    )
+    lines.append("")
+    lines.append("| condition | " + " | ".join(what_if["quality_model"]) + " |")
+    lines.append("| --- | " + " | ".join("---" for _ in what_if["quality_model"]) + " |")
+    lines.append(
+        "| win rate | " + " | ".join(f"{v['win_rate']:.3f}" for v in what_if["quality_model"].values()) + " |"
+    )
+    lines.append("")
+    lines.append("| system | win rate, burst | win rate, saturation |")
+    lines.append("| --- | --- | --- |")
+    wb, ws = what_if["summaries"].get("burst", {}), what_if["summaries"].get("saturation", {})
+    for name in wb:
+        lines.append(
+            f"| {name} | {fmt(wb[name]['quality'], '.3f')} | "
+            f"{fmt(ws.get(name, {}).get('quality', math.nan), '.3f')} |"
+        )
+    lines.append("")
+    return lines
+
+
+def baselines_section(result: Mapping[str, Any]) -> str:
+    """The BENCHMARKS.md section for the fleet benchmark, from one result JSON."""
+    m, p, h = result["machine"], result["preset"], result["headline"]
+    services = result["services"]
+    sat = result["summaries"].get("saturation", {})
+    burst = result["summaries"].get("burst", {})
+    small, large = services["small"], services["large"]
+    loads = [
+        float(f[key][0])
+        for f in result.get("systems", {}).values()
+        if isinstance(f, Mapping)
+        for key in ("loadavg_before", "loadavg_after")
+        if key in f
+    ]
+    between = f", {min(loads):.1f}-{max(loads):.1f} between systems" if loads else ""
+    lines = [
+        "## echolm against the baselines (issue 4)",
+        "",
+        f"Command: `{result.get('command') or 'echolm bench fleet --preset ' + p['name']}`, then "
+        f"`echolm bench report --preset {p['name']} --update-benchmarks`. "
+        f"Machine: {host_line(m)}; load average {m['loadavg_end'][0]:.1f} when the run ended{between} "
+        "(a shared machine: "
+        f"other jobs ran alongside). Wall time {result['wall_s'] / 60:.1f} min. Details and caveats: "
+        "docs/benchmarks.md.",
+        "",
+        "What is what: **measured** = every latency, throughput, routing decision, cache hit and example "
+        "selection, end to end on real Kafka (Tansu), Milvus, MiniLM and the echolm worker; **emulated** = "
+        f"the GPUs: {p['slots']} emulated replicas per system, TGI protocol, continuous batching up to "
+        f"{p['max_batch_size']} sequences, service times from H100 measurements of a {small['name']} "
+        f"(small) and an {large['name']} (large) Llama-shaped decoder "
+        f"(calibration section below) slowed down {services['time_scale']:g}x so that the fleet, not this "
+        "2-core host, is the bottleneck; **modelled** = quality: each reply's win rate against the large "
+        "model is looked up from the condition it was served under (table below), so quality differences "
+        "come from *where* requests went and *which examples* they got, both measured.",
+        "",
+        f"Systems, each on {p['slots']} emulated GPUs: large-only ({p['slots']} x {large['name']}), "
+        "small-only "
+        f"({p['slots']} x {small['name']}), semantic cache (cosine >= {result['semantic_cache_threshold']:g} "
+        f"returns the cached answer, else large; {p['slots']} x {large['name']}), echolm-load-blind "
+        f"(echolm with `routing.load_lambda=0`, the RouteLLM-style stand-in) and echolm; the last two on "
+        f"{p['echolm_small']} x {small['name']} + {p['slots'] - p['echolm_small']} x {large['name']}.",
+        "",
+    ]
+    lines += _system_rows(sat, burst)
+    lines += [*_ratio_lines(result, h), ""]
     q = result["quality_model"]
     lines.append("Quality model used (win rate against the large model per serving condition):")
     lines.append("")
@@ -151,28 +189,7 @@ def baselines_section(result: Mapping[str, Any]) -> str:
     lines.append("")
     what_if = result.get("what_if_quality")
     if what_if:
-        lines.append(
-            "The same served requests scored with the other quality table (what-if: conditions are measured, "
-            "the table is the model):"
-        )
-        lines.append("")
-        lines.append("| condition | " + " | ".join(what_if["quality_model"]) + " |")
-        lines.append("| --- | " + " | ".join("---" for _ in what_if["quality_model"]) + " |")
-        lines.append(
-            "| win rate | "
-            + " | ".join(f"{v['win_rate']:.3f}" for v in what_if["quality_model"].values())
-            + " |"
-        )
-        lines.append("")
-        lines.append("| system | win rate, burst | win rate, saturation |")
-        lines.append("| --- | --- | --- |")
-        wb, ws = what_if["summaries"].get("burst", {}), what_if["summaries"].get("saturation", {})
-        for name in wb:
-            lines.append(
-                f"| {name} | {fmt(wb[name]['quality'], '.3f')} | "
-                f"{fmt(ws.get(name, {}).get('quality', math.nan), '.3f')} |"
-            )
-        lines.append("")
+        lines += _what_if_lines(what_if)
     sens = result.get("quality_sensitivity")
     if sens:
         lines += sensitivity_lines(sens, q.get(sens["cell"], {}).get("source", ""))
