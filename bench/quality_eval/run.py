@@ -109,7 +109,7 @@ def run(
 
 def main(budget_s: float, judge_every: int | None) -> int:
     def say(message: str) -> None:
-        print(f"[quality {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+        print(f"[quality {time.strftime('%H:%M:%S', time.gmtime())}] {message}", file=sys.stderr, flush=True)
 
     summary = run(budget_s, judge_every=judge_every, say=say)
     say(
