@@ -217,15 +217,15 @@ def analyse(ws: Workspace, cache: GenerationCache) -> dict[str, Any]:
 
     timing: dict[str, Any] = {}
     for tier in ("small", "large"):
-        rows = [r for r in cache.rows.values() if r.model == MODELS[tier].sha256 and r.completion_tokens > 2]
-        if rows:
+        gens = [r for r in cache.rows.values() if r.model == MODELS[tier].sha256 and r.completion_tokens > 2]
+        if gens:
             decode = [
-                r.completion_tokens / max(1e-9, r.total_s - r.ttft_s) for r in rows if r.total_s > r.ttft_s
+                r.completion_tokens / max(1e-9, r.total_s - r.ttft_s) for r in gens if r.total_s > r.ttft_s
             ]
-            prefill = [r.prompt_tokens / r.ttft_s for r in rows if r.ttft_s > 0]
+            prefill = [r.prompt_tokens / r.ttft_s for r in gens if r.ttft_s > 0]
             timing[tier] = {
-                "generations": len(rows),
-                "median_total_s": float(np.median([r.total_s for r in rows])),
+                "generations": len(gens),
+                "median_total_s": float(np.median([r.total_s for r in gens])),
                 "median_decode_tok_s": float(np.median(decode)) if decode else float("nan"),
                 "median_prefill_tok_s": float(np.median(prefill)) if prefill else float("nan"),
             }
