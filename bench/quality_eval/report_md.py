@@ -116,7 +116,13 @@ def markdown(r: Mapping[str, Any]) -> str:
         lines.append("No paired primary requests are cached yet.")
         return "\n".join(lines) + "\n"
     verdict = r["parity"]["verdict"]
-    short = "" if c1["n"] >= 300 else f"; this run reached {c1['n']}, so the interval is wider than planned"
+    short = (
+        ""
+        if c1["n"] >= 300
+        else f"; **this run reached {c1['n']}: far too few to establish or reject parity.** Generation on "
+        "the shared 2-core CPU is the bottleneck; `python -m bench.quality_eval run` continues from the "
+        "cache and this section is rewritten from it"
+    )
     lines += [
         f"**Parity ({r['parity']['rule']}): {verdict}.** Small + two-stage examples against large alone on "
         f"{c1['n']} paired requests: win rate {_f(c1['win_rate'])} "
