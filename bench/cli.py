@@ -5,6 +5,7 @@
     echolm bench report --preset small     # plots (docs/plots) + BENCHMARKS.md sections from the result
     echolm bench calibrate                 # dev-server + emulator measurements -> calibration.json
     echolm bench gpu-calibrate --out F     # on a GPU machine: 1B/3B/8B prefill and decode timings
+    echolm bench quality [--update-benchmarks]   # measured quality from bench/results/quality (issue 8)
     echolm bench all [--dry-run]           # every benchmark behind BENCHMARKS.md in turn (about 75 min)
 
 Results land in bench/results/ (JSON) and docs/plots/ (PNG); docs/benchmarks.md explains each one.
@@ -122,6 +123,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quality(args: argparse.Namespace) -> int:
+    from bench.quality_eval.report import main as quality_main
+
+    return quality_main(update=args.update_benchmarks)
+
+
 def cmd_gpu_calibrate(args: argparse.Namespace) -> int:
     from bench.gpu_calibrate import main as gpu_main
 
@@ -233,6 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=["small", "full"], default="small", help="preset where one exists")
     p.add_argument("--dry-run", action="store_true", help="print the commands; run nothing")
     p.set_defaults(func=cmd_all)
+
+    p = sub.add_parser(
+        "quality", help="measured-quality tables from the generation cache (bench/quality_eval)"
+    )
+    p.add_argument(
+        "--update-benchmarks", action="store_true", help="write quality-cells.json and BENCHMARKS.md"
+    )
+    p.set_defaults(func=cmd_quality)
 
     p = sub.add_parser(
         "gpu-calibrate",

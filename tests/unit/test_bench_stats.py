@@ -102,7 +102,8 @@ def test_migration_reads_the_old_soak_shape() -> None:
 
 
 def test_every_committed_result_is_in_the_current_shape() -> None:
-    files = [p for p in sorted(RESULTS.rglob("*.json")) if p.name != "gpu-calibration-h100.json"]
+    # gpu-*.json are written on the GPU host, which has no checkout: they carry the GPU's own block
+    files = [p for p in sorted(RESULTS.rglob("*.json")) if not p.name.startswith("gpu-")]
     assert len(files) > 20
     for path in files:
         data = json.loads(path.read_text())
