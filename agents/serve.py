@@ -371,6 +371,7 @@ class Server:
             request=request,
             embedding=prepared.embedding,
             examples=used,
+            selected=list(run.examples),
             route=route_info,
             reply=reply,
             generated_tokens=generation.generated_tokens,

@@ -242,6 +242,8 @@ class LogRecord(faust.Record, namespace="echolm.Log.v1", serializer=ORJSON_CODEC
     """Everything about one served request: the source of truth the example bank is a view of.
 
     ``embedding`` (``streams.codecs.encode_vector``) is decoded by ``admit`` alone, for the bank row.
+    ``examples`` are the examples the served tier was shown (admission credits and learning read
+    these); ``selected`` all that prepare selected.
     """
 
     request: RequestRecord
@@ -255,6 +257,9 @@ class LogRecord(faust.Record, namespace="echolm.Log.v1", serializer=ORJSON_CODEC
     quality: float = -1.0  # scorer's estimate of reply quality in [0, 1]; -1 = not scored
     replay_rounds: int = 0
     version: int = LOG_VERSION
+    # What prepare selected for the request; ``examples`` is what the served tier was shown (the
+    # router may serve a tier without them). None on records written before this field.
+    selected: list[ExampleRef] | None = None
 
 
 class FeedbackRecord(faust.Record, namespace="echolm.Feedback.v1", serializer=ORJSON_CODEC):

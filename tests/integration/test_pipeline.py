@@ -60,12 +60,17 @@ def _assert_paraphrases_used_own_pairs(
     other_ids = {example_id(other, q) for q, _ in QUESTIONS}
     for original, paraphrase in QUESTIONS:
         rid = next(i for i, (t, p) in sent.items() if t == tenant and p == paraphrase)
-        used = {e.example_id for e in by_id[rid].examples}
+        record = by_id[rid]
+        # selected by prepare; also shown unless the router served a tier without examples
+        used = {e.example_id for e in (record.selected or record.examples)}
+        shown = {e.example_id for e in record.examples}
+        assert shown == used or (not shown and record.route is not None and not record.route.with_examples)
         assert example_id(tenant, original) in used, (tenant, paraphrase, used)
     for record in log:
         if record.request.tenant == tenant:
             ids = {e.example_id for e in record.examples}
             assert not ids & other_ids
+            assert not {e.example_id for e in record.selected or []} & other_ids
             assert ids <= own_ids | {example_id(tenant, p) for _, p in QUESTIONS}
 
 
