@@ -1,4 +1,4 @@
-"""Shared helpers for the quality benchmarks: reference scoring, paired comparisons, machine facts.
+"""Shared helpers for the quality benchmarks: reference scoring and paired comparisons.
 
 The statistics are the policy module's (``agents.policy.scoring``): ``bootstrap_ci`` for means,
 ``outcomes``/``wilson_interval`` for win rates. What this module adds is their benchmark shape:
@@ -8,18 +8,12 @@ The statistics are the policy module's (``agents.policy.scoring``): ``bootstrap_
 * ``compare``: a paired comparison of two conditions on the same requests: the win rate of A over B
   (a difference within ``tie`` counts half, like the paper's judge ties), its Wilson interval, and
   the mean paired difference with a bootstrap interval;
-* ``machine``: nproc, CPU model, RAM, Python and the git commit, for the BENCHMARKS.md header.
 """
 
 from __future__ import annotations
 
-import os
-import platform
-import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -28,7 +22,7 @@ from agents.policy.scoring import outcomes, reference_score, token_f1
 from bench.stats import bootstrap_ci, wilson_interval
 from infra.protocols import Embedder
 
-__all__ = ["ReferenceScorer", "Scored", "compare", "machine", "summarize"]
+__all__ = ["ReferenceScorer", "Scored", "compare", "summarize"]
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -98,54 +92,4 @@ def compare(
         "diff_ci_low": d_low,
         "diff_ci_high": d_high,
         "ratio": float(va.mean()) / mean_b if mean_b > 0 else float("nan"),
-    }
-
-
-def _read(path: str) -> str:
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except OSError:
-        return ""
-
-
-def machine() -> dict[str, Any]:
-    """What the run ran on: cores available, CPU model, RAM, Python, and the commit (with a dirty flag)."""
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in _read("/proc/cpuinfo").splitlines()
-            if "model name" in line
-        ),
-        platform.processor() or platform.machine(),
-    )
-    mem_kib = next(
-        (
-            int(line.split()[1])
-            for line in _read("/proc/meminfo").splitlines()
-            if line.startswith("MemTotal:")
-        ),
-        0,
-    )
-    root = Path(__file__).resolve().parents[1]
-
-    def git(*args: str) -> str:
-        try:
-            done = subprocess.run(
-                ["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=False
-            )
-        except (OSError, subprocess.SubprocessError):
-            return ""
-        return done.stdout.strip()
-
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 0
-    return {
-        "nproc": cores,
-        "cpu": cpu,
-        "ram_gib": round(mem_kib / 2**20, 1),
-        "python": platform.python_version(),
-        "commit": git("rev-parse", "--short", "HEAD"),
-        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
     }
