@@ -159,8 +159,16 @@ def load_corpus(
     return Corpus(manifest, bank, live, bv, lv)
 
 
-def prepare(say: Callable[[str], None] = print) -> Corpus:
-    """Build and write the manifest, then fill the local cache from the texts already parsed."""
+def prepare(say: Callable[[str], None] = print, *, rebuild: bool = False) -> Corpus:
+    """Build and write the manifest, then fill the local cache from the texts already parsed.
+
+    A committed manifest is kept unless ``rebuild``: re-embedding on another machine moves recall
+    similarities in the fourth decimal and can reorder ties, which would change the prompts the cached
+    generations were made from. Then only the local cache is (re)built, against the manifest.
+    """
+    if MANIFEST.is_file() and not rebuild:
+        say(f"keeping the committed manifest {MANIFEST} (--rebuild to replace it)")
+        return load_corpus(say=say)
     corpus = build_manifest(say=say)
     MANIFEST.parent.mkdir(parents=True, exist_ok=True)
     MANIFEST.write_text(corpus.manifest.to_json() + "\n", encoding="utf-8")

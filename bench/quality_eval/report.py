@@ -205,14 +205,20 @@ def _timing(cache: GenerationCache) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------- analysing
-def analyse(ws: Workspace, cache: GenerationCache) -> dict[str, Any]:
-    engine = Engine(cache)
+def score_all(ws: Workspace, engine: Engine) -> dict[str, dict[int, Scores]]:
+    """condition -> live index -> the answer's scores against the reference, for every cached answer."""
     answers = _answers(ws, engine)
     flat = [(c, i, text) for c, rows in answers.items() for i, text in rows.items()]
     scored = score_pairs([t for _, _, t in flat], [ws.reference(i) for _, i, _ in flat])
     scores: dict[str, dict[int, Scores]] = {c: {} for c in CONDITIONS}
     for (c, i, _), s in zip(flat, scored, strict=True):
         scores[c][i] = s
+    return scores
+
+
+def analyse(ws: Workspace, cache: GenerationCache) -> dict[str, Any]:
+    engine = Engine(cache)
+    scores = score_all(ws, engine)
 
     cells: dict[str, Any] = {}
     for c in CONDITIONS:

@@ -96,14 +96,20 @@ class Workspace:
             similarity=similarity,
         )
 
-    @cache  # noqa: B019 - one workspace per process; plans are small
-    def sharegpt_plan(self, i: int) -> Plan:
+    def sharegpt_candidates(self, i: int) -> tuple[list[Candidate], list[Candidate]]:
+        """Live request ``i``'s stage-1 recall (nearest first) and its seeded random pool."""
         row = self.corpus.manifest.live[i]
         recall = [self._bank_candidate(int(j), float(s)) for j, s in row["recall"][:RECALL_K]]
         rng = np.random.default_rng(_seed(self.corpus.live[i].conv_id))
         picks = rng.choice(len(self.corpus.bank), size=RANDOM_DRAW, replace=False)
         vector = self.corpus.live_vectors[i]
         pool = [self._bank_candidate(int(j), float(vector @ self.corpus.bank_vectors[int(j)])) for j in picks]
+        return recall, pool
+
+    @cache  # noqa: B019 - one workspace per process; plans are small
+    def sharegpt_plan(self, i: int) -> Plan:
+        recall, pool = self.sharegpt_candidates(i)
+        vector = self.corpus.live_vectors[i]
         return plan_request(self.prompt(i), vector, recall, pool, conditions=CONDITIONS)
 
     # -- facts --------------------------------------------------------------------------------------
