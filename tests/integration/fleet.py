@@ -31,6 +31,7 @@ from echolm.bank import read_topic as read_topic_values
 from echolm.client import EchoClient, Reply
 from infra.settings import BackendSettings, Settings, load_settings
 from streams.topology import topic_specs
+from tests.fakes import ASSUMED_PRIORS
 
 from .conftest import Pipeline
 
@@ -167,6 +168,7 @@ async def make_pipeline(
         "milvus": {"collection": f"c{tag}"},
         "worker": {"app_id": f"g{tag}", "metrics_port": 0, "data_dir": str(log_dir / "worker")},
         "replay": {"interval_s": 1.0},
+        "routing": {"priors_file": str(ASSUMED_PRIORS)},
     }
     for section, values in sections.items():
         overrides[section] = {**overrides.get(section, {}), **values}

@@ -27,6 +27,7 @@ from infra.errors import (
 from infra.settings import Settings, load_settings
 from streams.codecs import encode_vector
 from streams.records import ExampleRef, LogRecord, PreparedRecord, ReplyRecord, RequestRecord
+from tests.fakes import ASSUMED_PRIORS
 from tests.fakes.backends import AgentHarness, FakeGenerator, FakeProbe, agent_harness, fake_factories
 from tests.fakes.embedder import FakeEmbedder
 from tests.fakes.vector_store import FakeVectorStore
@@ -36,7 +37,10 @@ DIM = 384
 
 
 def settings(**tgi: Any) -> Settings:
+    # the routing expectations below are the settings' own tier priors, not the shipped measured file
+    # (agents/policy/priors.json changes with every quality run)
     return load_settings(
+        routing={"priors_file": ASSUMED_PRIORS},
         kafka={"topic_prefix": "unit"},
         worker={"metrics_port": 0, "concurrency": 4},
         tgi={"retries": 2, **tgi},

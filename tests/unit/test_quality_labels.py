@@ -16,7 +16,7 @@ from bench.utility_labels import example_labels
 def test_label_rows_need_both_scores_and_shown_examples() -> None:
     alone = {0: 0.5, 1: 0.6, 2: 0.7}
     with_examples = {"small_two_stage": {0: 0.8, 1: 0.55, 3: 0.9}, "small_topk": {2: 0.71}}
-    shown = {
+    shown: dict[str, dict[int, list[list[float]]]] = {
         "small_two_stage": {0: [[1.0, 2.0]], 1: [[0.1, 0.2], [0.3, 0.4]], 3: [[9.0, 9.0]]},
         "small_topk": {2: []},  # nothing shown: no row
     }
