@@ -125,7 +125,8 @@ async def run(*, per_fact: int, n_facts: int, max_new_tokens: int) -> dict[str, 
     from infra.settings import load_settings
     from streams.topology import topic_specs
 
-    settings = load_settings()
+    # the defaults, but a free metrics port: another worker on this machine may hold the default one
+    settings = load_settings(worker={"metrics_port": 0})
     every = load_facts()
     facts = {t: [f for f in every if f.tenant == t][:n_facts] for t in TENANTS}
     load_start = loadavg()

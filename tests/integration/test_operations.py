@@ -140,6 +140,8 @@ async def test_echolm_up_demo_serves_paraphrases_from_the_cache(tmp_path: Path) 
     assert len(questions) == len(DEMO_QUESTIONS) == len(routes), out[-3000:]
     by_question = dict(zip(questions, routes, strict=True))
     paraphrases = [r for q, r in by_question.items() if "reverse a Python list" in q or "best way" in q]
-    assert any("(small tier)" in r and "0 in-context" not in r for r in paraphrases), out[-3000:]
+    # the paraphrases are served from the cache: shown the earlier answer, on whichever tier the
+    # shipped (measured) priors pick
+    assert paraphrases and all("0 in-context" not in r for r in paraphrases), out[-3000:]
     other = next(route for q, route in by_question.items() if q.startswith("[other-"))
     assert "0 in-context example(s)" in other, other
