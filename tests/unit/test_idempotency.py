@@ -248,3 +248,24 @@ async def test_a_rebalance_makes_the_next_request_catch_up_again() -> None:
         await w.server.handle(_prepared("r3"))
         assert feed.catch_ups == 2
         assert w.generations == 2 and w.sent("replies")[-1].worker == "other:1"
+
+
+# ------------------------------------------------------------------- the transactional option
+@pytest.mark.parametrize(
+    ("guarantee", "isolation"), [("at_least_once", None), ("exactly_once", "read_committed")]
+)
+def test_processing_guarantee_reaches_faust_and_every_reader(guarantee: str, isolation: str | None) -> None:
+    """Off by default; on, faust runs transactional producers and every aiokafka reader (client, answered
+    feed, model sync, topic reads) skips aborted records. Tansu cannot run it: docs/reliability.md."""
+    from faust.types.enums import ProcessingGuarantee
+
+    from infra.answered import KafkaAnsweredFeed
+    from infra.kafka import kafka_consumer_kwargs
+    from streams.app import build_faust_app
+
+    s = load_settings(kafka={"topic_prefix": "unit", "processing_guarantee": guarantee})
+    app, _ = build_faust_app(s)
+    assert app.conf.processing_guarantee is ProcessingGuarantee(guarantee)
+    assert kafka_consumer_kwargs(s).get("isolation_level") == isolation
+    assert KafkaAnsweredFeed(s)._consumer_kwargs().get("isolation_level") == isolation
+    assert load_settings().kafka.processing_guarantee == "at_least_once"
