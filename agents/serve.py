@@ -22,10 +22,13 @@ Every generation attempt is timed: ``echolm_stage_seconds{stage="generate"}`` ob
 worker log has a line per attempt, and the log record lists them (``RouteInfo.generate_ms``).
 
 Ordering (reply-then-commit), per request:
-    1. route, 2. generate (with retries), 3. send the reply and await delivery,
-    4. send the log record and await delivery, 5. return to ``async for`` (faust acks the event).
+    0. the idempotency check (``agents/idempotency.py``): a request answered before, by this worker
+       or another, gets its stored reply re-sent (awaited) and nothing else: no route, no generation;
+    1. route, 2. generate (with retries), 3a. send the answered record (``<prefix>.answered``) and
+    await delivery, 3b. send the reply and await delivery, 4. send the log record and await delivery,
+    5. return to ``async for`` (faust acks the event).
 Replies are keyed and deduplicated by request id (at-least-once processing, exactly one reply per
-request id as the client sees it: docs/reliability.md).
+request id as the client sees it, and one generation per request id: docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ from streams.codecs import decode_vector
 from streams.records import ExampleRef, LogRecord, PreparedRecord, ReplyRecord, RequestRecord, RouteInfo
 from streams.topology import Topics
 
+from .idempotency import guard_for
 from .reject import Rejecter
 from .state import DecisionState
 
@@ -123,6 +127,7 @@ class Server:
         # backend -> {attempt token: monotonic dispatch time} for generations in flight
         self._inflight: dict[str, dict[int, float]] = {}
         self._tokens = itertools.count()
+        self.idempotency = guard_for(app, res)  # step 0 and 3a (one guard per worker)
 
     def pending(self, depths: Mapping[str, QueueDepth]) -> dict[str, float]:
         """Per backend: this worker's requests in flight there that its latest sample cannot count."""
@@ -173,7 +178,19 @@ class Server:
             )
 
     async def handle(self, prepared: PreparedRecord) -> None:
-        """Steps 1-5 of the module docstring for one prepared request."""
+        """Steps 0-5 of the module docstring for one prepared request."""
+        request_id = prepared.request.request_id
+        answered = await self.idempotency.begin(request_id)  # 0. answered before?
+        if answered is not None:
+            await self.idempotency.resend(self.app, self.topics, answered)
+            return
+        try:
+            await self._serve_new(prepared)
+        finally:
+            self.idempotency.end(request_id)
+
+    async def _serve_new(self, prepared: PreparedRecord) -> None:
+        """Steps 1-5 for a request not answered before."""
         request = prepared.request
         start_wall = time.time()
         timings = self._arrival(prepared, start_wall)
@@ -333,7 +350,7 @@ class Server:
         generation: Generation,
         timings: dict[str, float],
     ) -> None:
-        """3. the reply, then 4. the log record, each awaited to the broker."""
+        """3a. the answered record, 3b. the reply, then 4. the log record, each awaited to the broker."""
         metrics, request = self.res.metrics, prepared.request
         t_emit = time.perf_counter()
         used = run.examples if decision.with_examples else []
@@ -348,6 +365,7 @@ class Server:
             timings_ms=timings,
             worker=self.res.worker_id,
         )
+        await self.idempotency.record(self.topics, request.reply_topic, reply)  # 3a.
         reply_topic = self.topics.reply_topic(self.app, request.reply_topic)
         reply_fut = await reply_topic.send(key=request.request_id, value=reply)
         await reply_fut

@@ -191,11 +191,17 @@ def cmd_feedback(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_topics(settings: Settings, args: argparse.Namespace) -> int:
     from infra.topics import create_topics
-    from streams.topology import topic_specs
+    from streams.topology import topic_configs, topic_specs
 
     specs = topic_specs(settings)
     if args.action == "create":
-        asyncio.run(create_topics(settings.kafka.bootstrap_servers, specs))
+        asyncio.run(
+            create_topics(
+                settings.kafka.bootstrap_servers,
+                specs,
+                configs=topic_configs(settings),
+            )
+        )
     for name, partitions in specs.items():
         print(f"{name}\t{partitions}")
     return 0

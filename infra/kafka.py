@@ -59,5 +59,10 @@ def kafka_client_kwargs(settings: Settings) -> dict[str, Any]:
 
 
 def kafka_consumer_kwargs(settings: Settings) -> dict[str, Any]:
-    """``kafka_client_kwargs`` plus the consumer's fetch wait (``kafka.fetch_max_wait_ms``)."""
-    return {**kafka_client_kwargs(settings), "fetch_max_wait_ms": settings.kafka.fetch_max_wait_ms}
+    """``kafka_client_kwargs`` plus the consumer's fetch wait (``kafka.fetch_max_wait_ms``) and, with
+    ``kafka.processing_guarantee=exactly_once``, ``read_committed`` (records of aborted transactions,
+    e.g. a reply written by a worker that died before its commit, are never read)."""
+    kw = {**kafka_client_kwargs(settings), "fetch_max_wait_ms": settings.kafka.fetch_max_wait_ms}
+    if settings.kafka.processing_guarantee == "exactly_once":
+        kw["isolation_level"] = "read_committed"
+    return kw

@@ -15,6 +15,8 @@ import numpy as np
 import numpy.typing as npt
 
 __all__ = [
+    "AnsweredFeed",
+    "AnsweredSink",
     "BackendInfo",
     "ChatMessage",
     "Embedder",
@@ -126,6 +128,25 @@ def rows_by_tenant(tenants: Sequence[str], rows: int) -> dict[str, list[int]]:
 
 
 # ------------------------------------------------------------------------------------- protocols
+class AnsweredSink(Protocol):
+    def __call__(self, request_id: str, value: bytes, answered_at: float) -> None: ...
+
+
+@runtime_checkable
+class AnsweredFeed(Protocol):
+    """Every answer on the answered topic (``<prefix>.answered``), handed to a sink as it is read."""
+
+    def subscribe(self, sink: AnsweredSink) -> None:
+        """Hand every answer read from now on to ``sink`` (request id, value bytes, wall-clock seconds)."""
+        ...
+
+    async def catch_up(self) -> None:
+        """Return once every answer written before the call has been handed to the sinks."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
 @runtime_checkable
 class Embedder(Protocol):
     dimension: int

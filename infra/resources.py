@@ -7,7 +7,9 @@ as their dependency bundle and never create clients themselves.
 Degradation: if Milvus or the embedding model cannot be opened, the worker still starts and
 serves without examples (``store``/``embedder`` stay None, counted in
 ``echolm_selection_bypass_total``); a background task retries every few seconds and swaps them
-in when they come back. Backends are always constructed (their failures are per request).
+in when they come back. Backends are always constructed (their failures are per request). The
+answered feed (``infra/answered.py``) is constructed here and closed here; it opens its consumer on
+first use, so a worker that never serves never reads the answered topic.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from mode import Service
 
 from .kafka import kafka_client_kwargs
 from .metrics import Metrics
-from .protocols import Embedder, Generator, QueueDepthProbe, VectorStore
+from .protocols import AnsweredFeed, Embedder, Generator, QueueDepthProbe, VectorStore
 from .settings import Settings
 from .topics import TopicDirectory
 
@@ -42,6 +44,13 @@ class AdapterFactories:
     store: Callable[[Settings], Awaitable[VectorStore]]
     generators: Callable[[Settings], Awaitable[Mapping[str, Generator]]]
     probe: Callable[[Settings], Awaitable[QueueDepthProbe]]
+    answered: Callable[[Settings], Awaitable[AnsweredFeed]] | None = None  # None: the Kafka feed
+
+
+async def _real_answered(settings: Settings) -> AnsweredFeed:
+    from .answered import KafkaAnsweredFeed
+
+    return KafkaAnsweredFeed(settings)
 
 
 async def _real_embedder(settings: Settings) -> Embedder:
@@ -81,7 +90,7 @@ async def _real_probe(settings: Settings) -> QueueDepthProbe:
 
 
 def default_factories() -> AdapterFactories:
-    return AdapterFactories(_real_embedder, _real_store, _real_generators, _real_probe)
+    return AdapterFactories(_real_embedder, _real_store, _real_generators, _real_probe, _real_answered)
 
 
 @dataclass
@@ -90,6 +99,7 @@ class _State:
     store: VectorStore | None = None
     generators: dict[str, Generator] = field(default_factory=dict)
     probe: QueueDepthProbe | None = None
+    answered: AnsweredFeed | None = None
 
 
 class Resources(Service):
@@ -131,6 +141,11 @@ class Resources(Service):
     def probe(self) -> QueueDepthProbe | None:
         return self._state.probe
 
+    @property
+    def answered(self) -> AnsweredFeed | None:
+        """The answered topic's feed (None before start)."""
+        return self._state.answered
+
     # -- lifecycle -------------------------------------------------------------------------------
     async def on_start(self) -> None:
         await self._open_all()
@@ -152,6 +167,8 @@ class Resources(Service):
         self._state.generators = dict(generators)
         self._state.probe = await f.probe(s)
         self._stack.push_async_callback(self._close_probe)
+        self._state.answered = await (f.answered or _real_answered)(s)
+        self._stack.push_async_callback(self._state.answered.aclose)
         await self._try_open_embedder()
         await self._try_open_store()
 

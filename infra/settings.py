@@ -33,6 +33,7 @@ __all__ = [
     "ClientSettings",
     "EmbeddingSettings",
     "GatewaySettings",
+    "IdempotencySettings",
     "KafkaSettings",
     "LimitsSettings",
     "LocalStackSettings",
@@ -94,6 +95,13 @@ class KafkaSettings(_Section):
     # Tansu reports wrong end offsets after multi-record batches; 1 keeps lag checks honest locally.
     producer_max_batch_size: int = Field(
         1, ge=1, description="Producer batch size in bytes; 1 = one record per batch (Tansu end-offset bug)."
+    )
+    # Kafka's exactly-once for consume-transform-produce (faust processing_guarantee): transactional
+    # producers and read_committed readers. Tansu supports neither (docs/reliability.md, "Transactions").
+    processing_guarantee: Literal["at_least_once", "exactly_once"] = Field(
+        "at_least_once",
+        description="exactly_once = transactional produce with offsets in the transaction and "
+        "read_committed readers (real Kafka only; not the local Tansu broker).",
     )
 
     @model_validator(mode="after")
@@ -355,6 +363,30 @@ class ClientSettings(_Section):
     remember_expired: int = Field(100_000, ge=0, description="Expired ids kept to count late replies.")
 
 
+class IdempotencySettings(_Section):
+    """No second generation for an answered request (``<prefix>.answered``, docs/reliability.md).
+
+    Every worker keeps the answers of the last ``horizon_s`` seconds in memory, at most ``max_entries``
+    of them and ``max_bytes`` in all (oldest dropped first); a request delivered again within that is
+    answered from the stored reply instead of being generated again.
+    """
+
+    enabled: bool = Field(True, description="Check and write the answered topic in serve.")
+    horizon_s: float = Field(
+        900.0, gt=0, description="How long an answer is remembered (re-deliveries come within a rebalance)."
+    )
+    max_entries: int = Field(100_000, ge=0, description="Answers kept in memory per worker, at most.")
+    max_bytes: int = Field(
+        64 * 1024 * 1024, ge=0, description="Bytes of stored answers kept in memory per worker, at most."
+    )
+    sync_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Longest serve waits, at start and after a rebalance, for the answered topic to be "
+        "read to its end; then it serves anyway (logged, counted).",
+    )
+
+
 class LocalStackSettings(_Section):
     """What ``echolm up`` starts on this machine (no Docker)."""
 
@@ -437,6 +469,7 @@ class Settings(BaseSettings):
     limits: LimitsSettings = LimitsSettings()
     worker: WorkerSettings = WorkerSettings()
     client: ClientSettings = ClientSettings()
+    idempotency: IdempotencySettings = IdempotencySettings()
     stack: LocalStackSettings = LocalStackSettings()
     gateway: GatewaySettings = GatewaySettings()
 

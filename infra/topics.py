@@ -3,7 +3,8 @@
 ``TopicDirectory``: which topics exist, cached briefly, so a request naming a reply topic that does
 not exist is rejected (error reply on the default topic + dead letter) instead of silently
 auto-creating a topic nobody reads. ``create_topics``: create the topics with their partition
-counts, idempotently (``echolm topics create``, the local stack, tests and benchmarks).
+counts and configuration (``streams.topology.topic_configs``: the compacted answered topic),
+idempotently (``echolm topics create``, the local stack, tests and benchmarks).
 """
 
 from __future__ import annotations
@@ -57,9 +58,15 @@ class TopicDirectory:
 
 
 async def create_topics(
-    bootstrap_servers: str, topics: Mapping[str, int], *, replication_factor: int = 1, timeout_s: float = 15.0
+    bootstrap_servers: str,
+    topics: Mapping[str, int],
+    *,
+    replication_factor: int = 1,
+    timeout_s: float = 15.0,
+    configs: Mapping[str, Mapping[str, str]] | None = None,
 ) -> dict[str, int]:
-    """Create each topic with its partition count; existing topics are left as they are (idempotent).
+    """Create each topic with its partition count and its entry of ``configs`` (e.g.
+    ``cleanup.policy``); existing topics are left as they are (idempotent).
 
     Returns the partition count each topic has afterwards. A topic that already exists with another
     count is logged, not changed (Tansu cannot add partitions; on Kafka use kafka-topics --alter).
@@ -70,7 +77,12 @@ async def create_topics(
     try:
         await admin.start()
         existing = set(await admin.list_topics())
-        new = [NewTopic(name, n, replication_factor) for name, n in topics.items() if name not in existing]
+        configs = configs or {}
+        new = [
+            NewTopic(name, n, replication_factor, topic_configs=dict(configs.get(name, {})))
+            for name, n in topics.items()
+            if name not in existing
+        ]
         if new:
             response = await admin.create_topics(new, timeout_ms=int(timeout_s * 1000))
             for name, code, message in response.topic_errors:

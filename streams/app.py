@@ -49,6 +49,9 @@ def build_faust_app(settings: Settings) -> tuple[faust.App, Topics]:
         stream_recovery_delay=0,
         producer_max_batch_size=k.producer_max_batch_size,
         consumer_auto_offset_reset="earliest",
+        # exactly_once: a transactional producer per partition, offsets committed in the transaction,
+        # read_committed consumers (real Kafka only: docs/reliability.md, "Transactions")
+        processing_guarantee=k.processing_guarantee,
         loghandlers=[],
     )
     install_fetch_wait(app, k.fetch_max_wait_ms)

@@ -45,6 +45,7 @@ __all__ = [
     "LOG_VERSION",
     "PREPARED_VERSION",
     "REQUEST_VERSIONS",
+    "AnsweredRecord",
     "ChatTurnRecord",
     "DeadLetterRecord",
     "ErrorInfo",
@@ -216,6 +217,17 @@ class ReplyRecord(faust.Record, namespace="echolm.Reply.v1", serializer=ORJSON_C
     n_examples: int = 0
     timings_ms: dict[str, float] = {}  # noqa: RUF012
     worker: str = ""
+    version: int = SCHEMA_VERSION
+
+
+class AnsweredRecord(faust.Record, namespace="echolm.Answered.v1", serializer=ORJSON_CODEC):
+    """The idempotency record of one answered request (``<prefix>.answered``, keyed by request id):
+    the reply as sent and where it went, so a worker that sees the request again re-sends it."""
+
+    request_id: str
+    reply_topic: str
+    reply: ReplyRecord
+    answered_at: float = 0.0
     version: int = SCHEMA_VERSION
 
 

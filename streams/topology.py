@@ -9,9 +9,13 @@
     echolm.feedback   FeedbackRecord         -> feedback (bandit and utility-model updates)
     echolm.deadletter DeadLetterRecord       -> operators (bad input with its coordinates)
     echolm.model-updates ModelUpdateRecord   -> every worker (learned router/utility updates, 1 partition)
+    echolm.answered   AnsweredRecord         -> every worker's serve (answers by request id; compacted:
+                                                an answered request is re-sent, never generated again)
 
-Requests and prepared records are keyed by request id, so partitions spread load evenly;
-the log is keyed by tenant so one tenant's history is ordered.
+Requests, prepared records and answers are keyed by request id, so partitions spread load evenly;
+the log is keyed by tenant so one tenant's history is ordered. ``topic_configs`` names the topics that
+need broker-side configuration at creation (the answered topic is compacted, with a retention that
+bounds it: ``cleanup.policy=compact,delete``).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import faust
 from infra.settings import Settings
 
 from .records import (
+    AnsweredRecord,
     DeadLetterRecord,
     FeedbackRecord,
     LogRecord,
@@ -32,10 +37,14 @@ from .records import (
     ReplyRecord,
 )
 
-__all__ = ["TOPIC_NAMES", "Topics", "declare_topics", "topic_specs"]
+__all__ = ["ANSWERED_RETENTION_MS", "TOPIC_NAMES", "Topics", "declare_topics", "topic_configs", "topic_specs"]
 
-TOPIC_NAMES = ("requests", "prepared", "replies", "log", "feedback", "deadletter", "model-updates")
+TOPIC_NAMES = (
+    "requests", "prepared", "replies", "log", "feedback", "deadletter", "model-updates", "answered",
+)  # fmt: skip
 _SINGLE_PARTITION = frozenset({"deadletter", "model-updates"})
+# One day: far past any idempotency.horizon_s a worker would use; compaction keeps one answer per id.
+ANSWERED_RETENTION_MS = 24 * 3600 * 1000
 
 
 @dataclass(frozen=True)
@@ -47,6 +56,7 @@ class Topics:
     feedback: faust.TopicT
     deadletter: faust.TopicT
     model_updates: faust.TopicT
+    answered: faust.TopicT
 
     def reply_topic(self, app: faust.App, name: str) -> faust.TopicT:
         """The reply topic a request named (already validated by records.reply_topic_allowed)."""
@@ -59,6 +69,16 @@ def topic_specs(settings: Settings) -> dict[str, int]:
     """Topic name -> partitions, for creating topics up front (auto-create gives the wrong count)."""
     p = settings.kafka.partitions
     return {settings.topic(n): (1 if n in _SINGLE_PARTITION else p) for n in TOPIC_NAMES}
+
+
+def topic_configs(settings: Settings) -> dict[str, dict[str, str]]:
+    """Topic name -> broker configuration to create it with (topics not named take the defaults)."""
+    return {
+        settings.topic("answered"): {
+            "cleanup.policy": "compact,delete",
+            "retention.ms": str(ANSWERED_RETENTION_MS),
+        }
+    }
 
 
 def declare_topics(app: faust.App, settings: Settings) -> Topics:
@@ -78,4 +98,5 @@ def declare_topics(app: faust.App, settings: Settings) -> Topics:
         feedback=topic("feedback", key_type=str, value_type=FeedbackRecord),
         deadletter=topic("deadletter", key_type=str, value_type=DeadLetterRecord),
         model_updates=topic("model-updates", key_type=str, value_type=ModelUpdateRecord),
+        answered=topic("answered", key_type=str, value_type=AnsweredRecord),
     )

@@ -34,6 +34,8 @@ user exporter "$SCRAM_EXPORTER_PASSWORD"
 
 acl --allow-principal User:worker --operation All --resource-pattern-type prefixed --topic echolm
 acl --allow-principal User:worker --operation All --resource-pattern-type prefixed --group echolm
+# kafka.processing_guarantee=exactly_once: faust's transactional producers (ids start with the app id)
+acl --allow-principal User:worker --operation All --resource-pattern-type prefixed --transactional-id echolm
 
 acl --allow-principal User:gateway --operation Write --operation Describe --topic echolm.requests
 acl --allow-principal User:gateway --operation Write --operation Describe --topic echolm.feedback

@@ -49,6 +49,8 @@ class DevServerConfig:
     max_total_tokens: int | None = None  # None: the engine's context window
     max_stop_sequences: int = 4
     default_max_new_tokens: int = 100
+    # one INFO line per generation request it accepts, with the last user turn (tests count generations)
+    log_requests: bool = False
 
 
 class _ClientGone(Exception):
@@ -203,6 +205,17 @@ class DevServer:
             self.metrics.request_failed("client_closed")
             return Response(status_code=499)
 
+    def _log_request(self, route: str, body: Any, job: wire.Job) -> None:
+        """With ``log_requests``: ``generation request <route> <JSON of the last user turn>``."""
+        if not self.config.log_requests:
+            return
+        text = job.inputs or job.prompt
+        messages = body.get("messages") if isinstance(body, dict) else None
+        if isinstance(messages, list):
+            users = [m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+            text = str(users[-1]) if users else text
+        logger.info("generation request %s %s", route, json.dumps(text))
+
     def _enqueue(self, job: wire.Job) -> Ticket:
         try:
             return self.queue.enqueue(
@@ -272,6 +285,7 @@ class DevServer:
     ) -> tuple[dict[str, Any], dict[str, str]]:
         received = self._clock()
         job = wire.parse_generate(body, self.limits, engine.count_tokens)
+        self._log_request("/generate", body, job)
         tokens, ticket = await self._collect(request, engine, job)
         finish = tokens[-1].finish_reason or "length"
         headers = self._succeeded(received, job, ticket, len(tokens))
@@ -280,6 +294,7 @@ class DevServer:
     async def _chat(self, request: Request, body: Any, engine: Engine) -> Response:
         received = self._clock()
         job = wire.parse_chat(body, self.limits, engine.count_tokens, engine.render_chat)
+        self._log_request("/v1/chat/completions", body, job)
         meta: dict[str, Any] = {
             "request_id": f"chatcmpl-{uuid.uuid4().hex}",
             "created": int(time.time()),
@@ -301,6 +316,7 @@ class DevServer:
     async def _generate_stream(self, request: Request, body: Any, engine: Engine) -> Response:
         received = self._clock()
         job = wire.parse_generate(body, self.limits, engine.count_tokens)
+        self._log_request("/generate_stream", body, job)
         return self._event_stream(received, engine, job, _tgi_events, "data:", None)
 
     def _event_stream(

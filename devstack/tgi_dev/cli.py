@@ -60,6 +60,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     batched.add_argument("--max-waiting-tokens", type=int, default=20)
     p.add_argument("--parent-pid", type=int, help="shut down when this process is gone (launchers set it)")
     p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], default="INFO")
+    p.add_argument(
+        "--log-requests", action="store_true", help="log each generation request's last user turn (tests)"
+    )
     return p.parse_args(argv)
 
 
@@ -140,6 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_input_tokens=args.max_input_tokens,
         max_total_tokens=args.ctx,
         default_max_new_tokens=args.max_new_tokens_default,
+        log_requests=args.log_requests,
     )
     failed: list[Exception] = []
     server: uvicorn.Server | None = None

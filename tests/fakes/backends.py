@@ -15,7 +15,8 @@
   ``fake_topics`` builds a whole ``streams.topology.Topics`` of them.
 * ``FakeTopicDirectory`` answers ``exists`` from a set instead of asking a broker.
 * ``fake_factories`` wraps given adapters as ``infra.resources.AdapterFactories``; a ``None``
-  embedder or store fails to open, as a down dependency does.
+  embedder or store fails to open, as a down dependency does; the answered feed is a
+  ``tests.fakes.answered.FakeAnsweredFeed`` (a fresh one unless given).
 * ``agent_harness`` builds a worker with ``echolm.app.build_app`` on those factories, starts its
   ``Resources`` (no broker: the topic directory is a ``FakeTopicDirectory``) and hands out fake
   topics for the agents' shell classes (``Server``, ``Preparer``, ...) to send to.
@@ -45,6 +46,7 @@ from infra.errors import (
     DependencyUnavailable,
 )
 from infra.protocols import (
+    AnsweredFeed,
     BackendInfo,
     ChatMessage,
     Embedder,
@@ -58,6 +60,8 @@ from infra.protocols import (
 from infra.resources import AdapterFactories, Resources
 from infra.settings import Settings
 from streams.topology import TOPIC_NAMES, Topics
+
+from .answered import FakeAnsweredFeed
 
 __all__ = [
     "AgentHarness",
@@ -309,6 +313,7 @@ def fake_factories(
     store: VectorStore | None = None,
     generators: Sequence[Generator] = (),
     probe: QueueDepthProbe | None = None,
+    answered: FakeAnsweredFeed | None = None,
 ) -> AdapterFactories:
     """``AdapterFactories`` that hand out the given adapters; a missing embedder or store fails to open."""
 
@@ -328,7 +333,12 @@ def fake_factories(
     async def open_probe(settings: Settings) -> QueueDepthProbe:
         return probe if probe is not None else FakeProbe()
 
-    return AdapterFactories(open_embedder, open_store, open_generators, open_probe)
+    feed = answered if answered is not None else FakeAnsweredFeed()
+
+    async def open_answered(settings: Settings) -> AnsweredFeed:
+        return feed
+
+    return AdapterFactories(open_embedder, open_store, open_generators, open_probe, open_answered)
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import signal
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -50,6 +51,8 @@ __all__ = [
     "worker_pid",
 ]
 
+_GENERATION_LINE = re.compile(r"generation request \S+ (\".*\")$", re.MULTILINE)
+
 # A fast emulated backend: about 2 ms to first token, 1 ms per further token.
 FAST = {"prefill_ms_per_token": 0.1, "decode_ms_per_token": 1.0, "batch_slowdown": 0.0}
 
@@ -66,6 +69,7 @@ class OwnedBackend:
     max_batch_size: int = 8
     cost: float = 1.0
     quality_prior: float = 0.5
+    log_requests: bool = False  # the server logs each generation request (``generations`` counts them)
     log_dir: Path = Path()
     port: int = field(default_factory=free_port)
     server: DevServerProcess | None = None
@@ -79,11 +83,22 @@ class OwnedBackend:
             name=self.name, url=self.url, tier=self.tier, cost=self.cost, quality_prior=self.quality_prior
         )
 
+    @property
+    def log_path(self) -> Path:
+        return self.log_dir / f"tgi-{self.name}.log"
+
+    def generations(self) -> Counter[str]:
+        """How many generation requests this server accepted, per last user turn (``log_requests``)."""
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return Counter(json.loads(m[1]) for m in _GENERATION_LINE.finditer(text))
+
     def _process(self) -> DevServerProcess:
         args: list[str] = []
         if self.engine == "emulated":
             for key, value in self.service.items():
                 args += [f"--{key.replace('_', '-')}", str(value)]
+        if self.log_requests:
+            args.append("--log-requests")
         return DevServerProcess(
             port=self.port,
             engine=self.engine,
@@ -91,7 +106,7 @@ class OwnedBackend:
             max_concurrent_requests=self.max_concurrent_requests,
             max_batch_size=self.max_batch_size if self.engine == "emulated" else 1,
             extra_args=args,
-            log_path=self.log_dir / f"tgi-{self.name}.log",
+            log_path=self.log_path,
         )
 
     async def start(self) -> None:
@@ -189,11 +204,16 @@ def backends_section(backends: Iterable[OwnedBackend | BackendSettings], **tgi: 
     return {"backends": [b.model_dump(mode="json") for b in views], **tgi}
 
 
-async def start_workers(pipeline: Pipeline, n: int, **worker: Any) -> list[WorkerProcess]:
-    """Start ``n`` workers at once (each loads the embedding model: about 10 s on 2 cores)."""
+async def start_workers(
+    pipeline: Pipeline, n: int, *, kafka: Mapping[str, Any] | None = None, **worker: Any
+) -> list[WorkerProcess]:
+    """Start ``n`` workers at once (each loads the embedding model: about 10 s on 2 cores), with
+    ``kafka`` and ``worker`` settings changed for these workers only."""
     settings = pipeline.settings
     if worker:
         settings = settings.model_copy(update={"worker": settings.worker.model_copy(update=worker)})
+    if kafka:
+        settings = settings.model_copy(update={"kafka": settings.kafka.model_copy(update=dict(kafka))})
     started = []
     for _ in range(n):
         index = len(pipeline.workers)

@@ -156,8 +156,8 @@ async def test_strong_examples_route_to_the_small_tier_with_the_examples(fleet: 
     assert "Open settings and choose reset (0)." in contents
     assert contents[-1] == record.request.prompt
     assert call.params.max_new_tokens == record.request.max_new_tokens
-    # reply-then-log: the reply is delivered first, then the log record with the decision
-    assert [topic for topic, _ in fleet.replies.journal] == ["unit.replies", "unit.log"]
+    # answer-reply-log: the idempotency record first, then the reply, then the log record
+    assert [topic for topic, _ in fleet.replies.journal] == ["unit.answered", "unit.replies", "unit.log"]
     logged = fleet.logged()
     assert logged.route is not None and logged.route.tier == "small" and logged.route.attempts == 1
     assert [e.example_id for e in logged.examples] == ["ex-0", "ex-1", "ex-2"]
@@ -451,8 +451,9 @@ async def test_the_serve_agent_answers_through_its_stream(
     sends: dict[str, Callable[..., Awaitable[Any]]] = {
         real.replies.get_topic_name(): fleet.replies.send,
         real.log.get_topic_name(): fleet.log.send,
+        real.answered.get_topic_name(): fleet.h.topic("answered").send,
     }
-    for topic in (real.replies, real.log):
+    for topic in (real.replies, real.log, real.answered):
         monkeypatch.setattr(topic, "send", sends[topic.get_topic_name()])
     agent = fleet.h.app.agents["echolm.serve"]
     record = await prepared(examples=strong_examples())

@@ -36,7 +36,7 @@ from pydantic import BaseModel, SecretStr
 from pydantic.fields import FieldInfo
 
 from infra.settings import Settings
-from streams.topology import topic_specs
+from streams.topology import topic_configs, topic_specs
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -480,6 +480,22 @@ def test_topic_init_creates_exactly_the_topology_topics(
     assert f"--replication-factor {settings.kafka.replication_factor}" in command
     assert "--if-not-exists" in command
     assert compose["services"]["topic-init"]["depends_on"]["kafka"]["condition"] == "service_healthy"
+
+
+def test_topic_init_creates_topics_with_the_topology_configs(
+    settings_from_environment: Callable[..., Settings],
+) -> None:
+    """The compacted answered topic (and any other topic_configs entry) gets exactly its configs."""
+    compose = load_compose()
+    settings = settings_from_environment(service_environment(compose["services"]["worker"], {}))
+    command = "\n".join(compose["services"]["topic-init"]["command"])
+    lines = {m["topic"]: line for line in command.splitlines() for m in TOPIC_LINE.finditer(line)}
+    configs = topic_configs(settings)
+    assert settings.topic("answered") in configs
+    for topic, wanted in configs.items():
+        found = dict(kv.split("=", 1) for kv in re.findall(r"--config\s+(\S+)", lines[topic]))
+        assert found == wanted, (topic, found)
+    assert "compact" in configs[settings.topic("answered")]["cleanup.policy"]
 
 
 def test_dependencies_name_real_services_and_healthy_ones_have_healthchecks() -> None:

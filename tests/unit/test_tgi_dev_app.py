@@ -418,3 +418,25 @@ def test_listening_socket_says_tcp_so_asyncio_disables_nagle() -> None:
         assert sock.proto == socket.IPPROTO_TCP
     finally:
         sock.close()
+
+
+async def test_log_requests_logs_each_generation_with_its_last_user_turn(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``--log-requests``: one line per generation (how the kill test counts generations per request)."""
+    messages = [
+        {"role": "user", "content": "example question"},
+        {"role": "assistant", "content": "example answer"},
+        {"role": "user", "content": 'Item 7: say "ok".'},
+    ]
+    caplog.set_level("INFO", logger="devstack.tgi_dev.app")
+    async with running_app(emulated, DevServerConfig(log_requests=True)) as (_, _, client):
+        await client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 2})
+        await client.post("/generate", json={"inputs": "plain", "parameters": {"max_new_tokens": 2}})
+    async with running_app(emulated) as (_, _, client):  # off by default
+        await client.post("/generate", json={"inputs": "quiet", "parameters": {"max_new_tokens": 2}})
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("generation request")]
+    assert lines == [
+        'generation request /v1/chat/completions "Item 7: say \\"ok\\"."',
+        'generation request /generate "plain"',
+    ]
