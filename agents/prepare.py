@@ -47,9 +47,10 @@ from infra.errors import BadInput, DependencyUnavailable, UnknownReplyTopic
 from infra.protocols import SearchHit, Vector
 from infra.resources import Resources
 from streams.codecs import encode_vector
-from streams.records import ExampleRef, PreparedRecord, RequestRecord, parse_request
+from streams.records import ExampleRef, PreparedRecord, ReplyAddress, RequestRecord, parse_request
 from streams.topology import Topics
 
+from .guard import AckGate, Guard, mark
 from .reject import Coordinates, Rejecter
 from .state import DecisionState
 
@@ -112,6 +113,7 @@ class Preparer:
         to ``handoff`` (``Server.handle`` in this process) instead: see ``_hand_over``."""
         self.app, self.topics, self.res, self.state = app, topics, res, state
         self.rejecter = Rejecter(app, topics, res)
+        self.guard = Guard(res, self.rejecter)
         self.default_reply = res.settings.topic("replies")
         self.handoff = handoff
         self._slots = asyncio.Semaphore(res.settings.worker.concurrency)
@@ -124,6 +126,7 @@ class Preparer:
             failed, self._failed = self._failed, None
             raise failed
         t0 = time.perf_counter()
+        mark("parse")
         valid = await self._parse(events)  # 1. parse
         if not valid:
             return
@@ -137,6 +140,7 @@ class Preparer:
         await self._retrieve(batch)  # 3. retrieve
         batch.now = time.time()
         prepared = [self._select(batch, i) for i in range(len(batch.requests))]  # 4. select
+        mark("send")
         if self.handoff is None:
             await self._send(prepared)  # 5. send
         else:
@@ -157,6 +161,7 @@ class Preparer:
 
     async def _parse_one(self, raw: bytes) -> RequestRecord:
         request = parse_request(raw, default_reply_topic=self.default_reply, limits=self.res.settings.limits)
+        mark("parse", request.request_id)
         if request.reply_topic != self.default_reply and not await self.res.topic_directory.exists(
             request.reply_topic
         ):
@@ -168,6 +173,7 @@ class Preparer:
 
     async def _embed(self, batch: _Batch) -> None:
         """2. One embedding call for the batch; a missing or failing embedder bypasses selection."""
+        mark("embed", *(r.request_id for r in batch.requests))
         t = time.perf_counter()
         embedder = self.res.embedder
         if embedder is None:
@@ -185,6 +191,7 @@ class Preparer:
     async def _retrieve(self, batch: _Batch) -> None:
         """3. Candidates per request: ``search_batch``, one search per tenant, all in flight at once
         (one call for a one-tenant batch; no query ever spans tenants)."""
+        mark("retrieve", *(r.request_id for r in batch.requests))
         t = time.perf_counter()
         batch.hits = [[] for _ in batch.requests]
         store = self.res.store
@@ -204,6 +211,7 @@ class Preparer:
         """4. Request ``i``'s examples (pure selection), its routing context and its record."""
         t = time.perf_counter()
         settings, request, vector = self.res.settings, batch.requests[i], batch.vector(i)
+        mark("select", request.request_id)
         selected: list[Selected] = []
         if vector is not None and batch.hits[i]:
             selected = list(
@@ -275,8 +283,15 @@ class Preparer:
 
     async def _serve_inline(self, record: PreparedRecord, event: faust.EventT[bytes]) -> None:
         assert self.handoff is not None
+        handoff = self.handoff
+        request = record.request
         try:
-            await self.handoff(record)
+            await self.guard.run(
+                handoff,
+                record,
+                coords=Coordinates.of(event),
+                address=ReplyAddress(request.request_id, request.tenant, request.reply_topic),
+            )
             event.ack()
         except Exception as exc:
             log.exception(
@@ -308,6 +323,7 @@ def register_prepare(app: faust.App, topics: Topics, res: Resources, state: Deci
 
         handoff = Server(app, topics, res, state).handle
     preparer = Preparer(app, topics, res, state, handoff=handoff)
+    gate = AckGate(lambda: app.consumer)
     emb = res.settings.embedding
 
     @app.agent(topics.requests, name="echolm.prepare")
@@ -318,8 +334,16 @@ def register_prepare(app: faust.App, topics: Topics, res: Resources, state: Deci
             emb.batch_size, within=max(emb.batch_window_s, 0.001)
         )
         async for events in batches:
+            for event in events:
+                gate.hold(event)
+            if res.draining:  # SIGTERM: not taken; un-acked, for the worker that takes over
+                continue
             res.inflight += len(events)
             try:
-                await preparer.handle_batch(events)
+                await preparer.guard.run_batch(
+                    preparer.handle_batch, events, lambda e: preparer.rejecter.address_of(e.message.value)
+                )
+                for event in events:
+                    gate.release(event)  # not reached when cancelled: the offsets stay uncommitted
             finally:
                 res.inflight -= len(events)

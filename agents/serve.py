@@ -63,10 +63,19 @@ from infra.errors import BackendError, BackendTimeout, NoBackendAvailable, Servi
 from infra.protocols import Generation, QueueDepth
 from infra.resources import Resources
 from streams.codecs import decode_vector
-from streams.records import ExampleRef, LogRecord, PreparedRecord, ReplyRecord, RequestRecord, RouteInfo
+from streams.records import (
+    ExampleRef,
+    LogRecord,
+    PreparedRecord,
+    ReplyAddress,
+    ReplyRecord,
+    RequestRecord,
+    RouteInfo,
+)
 from streams.topology import Topics
 
-from .reject import Rejecter
+from .guard import AckGate, Guard, mark
+from .reject import Coordinates, Rejecter
 from .state import DecisionState
 
 __all__ = ["register_serve"]
@@ -193,6 +202,7 @@ class Server:
         if isinstance(served, GiveUp):
             await self._give_up(request, served, run, run.timings(timings))
             return
+        mark("emit", request.request_id)
         await self._emit(prepared, run, *served, run.timings(timings))  # 3. reply, 4. log
 
     def _arrival(self, prepared: PreparedRecord, now_wall: float) -> dict[str, float]:
@@ -215,6 +225,7 @@ class Server:
                 run.attempt, run.error = Attempt(run.attempt.generations), None
                 continue
             run.attempt = Attempt(run.attempt.generations, step.exclude)
+            mark("route", run.request.request_id)
             t = time.perf_counter()
             try:
                 decision = self.route(run.context, set(step.exclude), time.monotonic())
@@ -236,6 +247,7 @@ class Server:
 
     async def _generate(self, run: _Dispatch, decision: RouteDecision) -> Generation | BackendError:
         """One generation on the routed backend, timed and counted; a failure is returned, not raised."""
+        mark("generate", run.request.request_id)
         s, metrics, backend = self.res.settings, self.res.metrics, decision.backend
         timeout = attempt_timeout(run.time_left(), s.tgi.request_timeout_s)
         if timeout <= 0:
@@ -386,14 +398,31 @@ class Server:
 
 
 def register_serve(app: faust.App, topics: Topics, res: Resources, state: DecisionState) -> None:
+    """One prepared record at a time per actor, under the guard (agents/guard.py): a handler that
+    raises is answered and dead-lettered; its offset, like every other, is acked in order once
+    handled. On SIGTERM (``res.draining``) a record taken from the stream buffer is not served: it
+    stays un-acked and uncommitted, for the worker that takes the partition over."""
     server = Server(app, topics, res, state)
+    guard = Guard(res, server.rejecter)
+    gate = AckGate(lambda: app.consumer)
 
     @app.agent(topics.prepared, name="echolm.serve", concurrency=res.settings.worker.concurrency)
     async def serve(stream: faust.StreamT[PreparedRecord]) -> None:
         await res.ready.wait()
-        async for prepared in stream:
+        async for event in stream.events():
+            gate.hold(event)
+            if res.draining:
+                continue
+            prepared: PreparedRecord = event.value
+            request = prepared.request
             res.inflight += 1
             try:
-                await server.handle(prepared)
+                await guard.run(
+                    server.handle,
+                    prepared,
+                    coords=Coordinates.of(event),
+                    address=ReplyAddress(request.request_id, request.tenant, request.reply_topic),
+                )
+                gate.release(event)  # not reached when cancelled: the offset stays uncommitted
             finally:
                 res.inflight -= 1

@@ -1,9 +1,13 @@
 """``echolm worker``: one faust worker process with a graceful, bounded shutdown.
 
-On SIGTERM/SIGINT: (1) stop fetching (pause every assigned partition), (2) wait until the requests
-already in flight are answered or ``worker.shutdown_grace_s`` passes, (3) stop the app: agents are
-cancelled, un-acked offsets stay uncommitted (another worker re-processes them; the client drops
-the duplicate reply), adapters close in reverse order. Counts are logged.
+On SIGTERM/SIGINT: (1) stop taking records: every assigned partition is paused and
+``Resources.draining`` is set, so the agents leave the records already fetched into faust's stream
+buffers un-acked instead of serving them, (2) wait until the requests already in flight are answered
+or ``worker.shutdown_grace_s`` passes, (3) stop the app: agents are cancelled. Offsets are acked in
+order and only once handled (agents/guard.py, ``AckGate``), so neither a record the grace cut off nor
+a buffered one, nor anything after them in their partition, is committed: the worker that takes the
+partition over serves them (the client drops a duplicate reply). Adapters close in reverse order.
+Counts are logged.
 
 Liveness (infra/liveness.py): a timer in the event loop ticks every ``worker.liveness_tick_s`` and
 the consumer thread reports every fetch; ``/livez`` on the metrics port fails when either stops.
@@ -40,6 +44,7 @@ class DrainingWorker(faust.Worker):
 
     async def _stop_on_signal(self, sig: signal.Signals) -> None:
         res = self.resources
+        res.draining = True  # before anything awaits: no agent takes another record
         consumer = self.app.consumer
         assigned = consumer.assignment()
         if assigned:
