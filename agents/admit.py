@@ -40,7 +40,7 @@ from infra.protocols import Example, VectorStore
 from infra.resources import Resources
 from infra.settings import Settings
 from streams.codecs import decode_vector
-from streams.records import LogRecord
+from streams.records import LogRecord, ReplyAddress
 from streams.topology import Topics
 
 from .guard import AckGate, Guard, mark
@@ -219,6 +219,11 @@ async def _admit_batch(
             res.metrics.admitted.labels(reason).inc(counts[reason])
 
 
+def _address(event: faust.EventT[LogRecord]) -> ReplyAddress:
+    request = cast("LogRecord", event.value).request
+    return ReplyAddress(request.request_id, request.tenant, request.reply_topic)
+
+
 def register_admit(app: faust.App, topics: Topics, res: Resources, state: DecisionState) -> None:
     guard = Guard(res, Rejecter(app, topics, res))
     gate = AckGate(lambda: app.consumer)
@@ -232,6 +237,6 @@ def register_admit(app: faust.App, topics: Topics, res: Resources, state: Decisi
             for event in events:
                 gate.hold(event)
             # the request was answered already: a failure is dead-lettered, never replied to
-            await guard.run_batch(admit_batch, events, lambda e: None)
+            await guard.run_batch(admit_batch, events, _address, reply=False)
             for event in events:
                 gate.release(event)

@@ -174,8 +174,10 @@ class Guard:
         coords: Coordinates,
         address: ReplyAddress | None,
         raw: bytes | str | None = None,
+        reply: bool = True,
     ) -> bool:
-        """``handler(item)``: True when it returned; False when it raised and the failure was sent.
+        """``handler(item)``: True when it returned; False when it raised and the failure was sent
+        (the dead letter names ``address``' request; an error reply goes there only with ``reply``).
 
         Cancellation is re-raised, and so is a failure to send the dead letter itself (the broker
         is gone: the agent's supervisor restarts it and the record, never acked, comes again)."""
@@ -199,7 +201,7 @@ class Guard:
         finally:
             _trace.reset(token)
         self.res.metrics.handler_failures.labels(trace.stage).inc()
-        await self.rejecter.fail(coords, address, stage=trace.stage, exc=failure, raw=raw)
+        await self.rejecter.fail(coords, address, stage=trace.stage, exc=failure, raw=raw, reply=reply)
         return False
 
     async def run_batch(
@@ -207,6 +209,8 @@ class Guard:
         handler: Callable[[Sequence[faust.EventT[Any]]], Awaitable[None]],
         events: Sequence[faust.EventT[Any]],
         address: Callable[[faust.EventT[Any]], ReplyAddress | None],
+        *,
+        reply: bool = True,
     ) -> None:
         """``handler`` on the whole batch; if it raises, on each record alone under ``run``, so one
         poisoned record fails alone (records of the batch may then be handled twice: every agent's
@@ -234,4 +238,5 @@ class Guard:
                 coords=Coordinates.of(event),
                 address=address(event),
                 raw=event.message.value,
+                reply=reply,
             )

@@ -32,7 +32,7 @@ import numpy as np
 from agents.policy.retrieval import candidate_features
 from infra.protocols import SearchHit
 from infra.resources import Resources
-from streams.records import FeedbackRecord, LogRecord, ModelUpdateRecord
+from streams.records import FeedbackRecord, LogRecord, ModelUpdateRecord, ReplyAddress
 from streams.topology import Topics
 
 from .guard import AckGate, Guard, mark
@@ -137,14 +137,28 @@ def register_learn(app: faust.App, topics: Topics, res: Resources, state: Decisi
     async def learn_log(stream: faust.StreamT[LogRecord]) -> None:
         async for event in stream.events():
             log_gate.hold(event)
-            await guard.run(learner.remember, event.value, coords=Coordinates.of(event), address=None)
+            record: LogRecord = event.value
+            request = record.request
+            await guard.run(
+                learner.remember,
+                record,
+                coords=Coordinates.of(event),
+                address=ReplyAddress(request.request_id, request.tenant, request.reply_topic),
+                reply=False,  # its request was answered already
+            )
             log_gate.release(event)
 
     @app.agent(topics.feedback, name="echolm.learn-feedback")
     async def learn_feedback(stream: faust.StreamT[FeedbackRecord]) -> None:
         async for event in stream.events():
             feedback_gate.hold(event)
+            fb: FeedbackRecord = event.value
             await guard.run(
-                learner.join, event.value, coords=Coordinates.of(event), address=None, raw=event.message.value
+                learner.join,
+                fb,
+                coords=Coordinates.of(event),
+                address=ReplyAddress(fb.request_id, fb.tenant, ""),
+                raw=event.message.value,
+                reply=False,  # feedback has no reply address
             )
             feedback_gate.release(event)

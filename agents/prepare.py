@@ -12,8 +12,11 @@ Error policy:
     * ``BadInput`` (decode, schema, limits, tenant, reply topic) -> error reply + dead letter, go on.
     * embedder or Milvus unavailable -> the request goes on with no examples (``selection_bypassed``
       says why, ``echolm_selection_bypass_total`` counts it); it is never dropped.
-    * anything else raises: faust's supervisor restarts the agent and the batch is re-read
-      (its offsets were not committed).
+    * anything else a batch raises -> its records are prepared again one at a time under the guard
+      (agents/guard.py): the one that fails gets an error reply (``internal``) where its raw record
+      names a reply address, and a dead letter with topic, partition, offset and the stage it reached
+      (``parse``, ``embed``, ``retrieve``, ``select``, ``send``); the rest go on. With the inline hop,
+      a serve that raises is answered the same way. Cancellation (shutdown) is not a failure.
 
 In one process (``worker.prepared_hop = "inline"``), step 5 hands each record to serve's handler
 directly instead of the prepared topic (``Preparer._hand_over``); the offset is then committed only
@@ -25,8 +28,8 @@ Ordering (reply-then-commit), per batch; ``Preparer.handle_batch`` runs steps 1-
     3. retrieve candidates, one search per tenant,
     4. select examples per request (pure) and build its PreparedRecord with the routing context,
     5. send one PreparedRecord per request and await every delivery,
-then ``take_events`` acks the batch's events when the loop body returns, so their offsets become
-committable.
+then the batch's events are released to the ``AckGate`` (agents/guard.py), which acks them in offset
+order; ``take_events``' own ack (made even when the body is cancelled) cannot commit them alone.
 """
 
 from __future__ import annotations
@@ -267,9 +270,10 @@ class Preparer:
         ``worker.concurrency`` at once, without waiting for the batch: the next batch is embedded while
         this one generates, as with the topic. Reply-then-commit still holds: each event's message gets
         one more reference here, so ``take_events``' ack leaves it uncommitted; the serve task acks it
-        after the reply and the log record are delivered. A task that raises leaves its offset
-        uncommitted and re-raises from the next batch (the agent's supervisor restarts it, as it would
-        restart serve). The wait for a free slot is the ``handoff`` stage."""
+        after the reply and the log record are delivered. A serve that raises is answered and
+        dead-lettered by the guard, as in serve; only a failure of the guard itself (the dead letter
+        could not be sent) leaves the offset uncommitted and re-raises from the next batch (the
+        agent's supervisor restarts it). The wait for a free slot is the ``handoff`` stage."""
         for record, event in zip(prepared, events, strict=True):
             queued = time.perf_counter()
             await self._slots.acquire()

@@ -104,9 +104,11 @@ class Rejecter:
         stage: str,
         exc: BaseException,
         raw: bytes | str | None = None,
+        reply: bool = True,
     ) -> None:
         """A handler raised at ``stage`` (agents/guard.py): dead letter, and an error reply (``internal``)
-        when ``address`` says where, both awaited to the broker."""
+        when ``address`` says where and ``reply`` (a record whose request was answered already gets
+        none), both awaited to the broker."""
         code = exc.code if isinstance(exc, ServiceError) else "internal"
         reason = f"{type(exc).__name__}: {exc}"[:2000]
         self.res.metrics.dead_letters.labels(code).inc()
@@ -128,6 +130,9 @@ class Rejecter:
             stage=stage,
         )
         fut = await self.topics.deadletter.send(key=letter.request_id or _key_text(coords.key), value=letter)
+        if not reply:
+            await fut
+            return
         default = self.res.settings.topic("replies")
         if (
             address is not None

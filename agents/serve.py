@@ -16,14 +16,19 @@ Error policy (the decisions are ``agents.policy.dispatch.next_step``; this modul
       sent before the deadline: backends get the deadline minus a margin for the reply itself;
       ``deadline_exceeded`` when the deadline ran out during a generation, else ``no_backend_available``;
     * a router failure -> bypass: the least-loaded healthy backend (counted);
-    * anything else raises (the supervisor restarts the actor; the offset was not committed).
+    * anything else the handler raises -> the guard (agents/guard.py): an error reply (``internal``) to
+      the request's reply topic and a dead letter with topic, partition, offset and the stage it
+      reached (``route``, ``generate`` or ``emit``), counted in ``echolm_handler_failures_total``; the
+      actor goes on with the next record. Cancellation (shutdown) is not a failure: nothing is sent.
 
 Every generation attempt is timed: ``echolm_stage_seconds{stage="generate"}`` observes each, the
 worker log has a line per attempt, and the log record lists them (``RouteInfo.generate_ms``).
 
 Ordering (reply-then-commit), per request:
     1. route, 2. generate (with retries), 3. send the reply and await delivery,
-    4. send the log record and await delivery, 5. return to ``async for`` (faust acks the event).
+    4. send the log record and await delivery, 5. release the event to the ``AckGate``, which acks it
+    once every earlier record of its partition is done too (a record cut by shutdown is never acked,
+    so nothing after it is committed either).
 Replies are keyed and deduplicated by request id (at-least-once processing, exactly one reply per
 request id as the client sees it: docs/reliability.md).
 """
