@@ -232,7 +232,9 @@ async def test_sigterm_drains_in_flight_within_grace(worker_pool: WorkerPool) ->
     assert len(late) <= in_flight, (len(late), in_flight)
     assert any(worker_pid(got[rid]) == staying.pid for rid in after), "the rest moved to the other worker"
     assert exit_code == 0, leaving.log_tail()
-    assert exited - signalled < grace + 5, exited - signalled  # the drain is bounded by the grace, then a prompt stop
+    assert exited - signalled < grace + 5, (
+        exited - signalled
+    )  # the drain is bounded by the grace, then a prompt stop
     print(
         f"\nsigterm: {in_flight} in flight at the signal, all drained; {len(late)} answered by the leaving "
         f"worker after the signal, {sum(worker_pid(got[r]) == staying.pid for r in after)} by the other; "
