@@ -3,11 +3,11 @@
 On SIGTERM/SIGINT: (1) stop taking records: every assigned partition is paused and
 ``Resources.draining`` is set, so the agents leave the records already fetched into faust's stream
 buffers un-acked instead of serving them, (2) wait until the requests already in flight are answered
-or ``worker.shutdown_grace_s`` passes, (3) stop the app: agents are cancelled. Offsets are acked in
-order and only once handled (agents/guard.py, ``AckGate``), so neither a record the grace cut off nor
-a buffered one, nor anything after them in their partition, is committed: the worker that takes the
-partition over serves them (the client drops a duplicate reply). Adapters close in reverse order.
-Counts are logged.
+or ``worker.shutdown_grace_s`` passes, (3) cancel the agents (before the adapters close under
+them), then stop the app. Offsets are acked in order and only once handled (agents/guard.py,
+``AckGate``), so neither a record the grace cut off nor a buffered one, nor anything after them in
+their partition, is committed: the worker that takes the partition over serves them (the client
+drops a duplicate reply). Adapters close in reverse order. Counts are logged.
 
 Liveness (infra/liveness.py): a timer in the event loop ticks every ``worker.liveness_tick_s`` and
 the consumer thread reports every fetch; ``/livez`` on the metrics port fails when either stops.
@@ -65,6 +65,11 @@ class DrainingWorker(faust.Worker):
             res.inflight,
             self.grace_s,
         )
+        # Cancel what the grace cut off *before* faust stops the services: it closes the adapters
+        # (Resources) before the agents, and a generation whose HTTP client closed under it would end
+        # in an error reply sent, and acked, by this worker instead of a cancellation. Cancelled, the
+        # record stays un-acked (agents/guard.py) and the worker that takes its partition serves it.
+        await self.app.agents.stop()
         # faust's own stop would wait, without a bound, for every record taken and not yet acked:
         # the ones this drain deliberately leaves un-acked (buffered, or cut by the grace) never will
         # be. The bounded wait above replaces it; faust then commits what was acked (in order).

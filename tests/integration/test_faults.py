@@ -243,6 +243,64 @@ async def test_sigterm_drains_in_flight_within_grace(worker_pool: WorkerPool) ->
     )
 
 
+async def test_sigterm_records_cut_at_the_grace_end_are_served_by_the_other_worker(
+    worker_pool: WorkerPool,
+) -> None:
+    """A grace too short for the requests in flight: those it cuts off are not committed (faust would
+    ack them in its ``finally``; the ``AckGate`` does not), so the worker that takes their partitions
+    over serves them, and the client still sees every request answered exactly once."""
+    settings = worker_pool.settings
+    (staying,) = await worker_pool.ensure(1)
+    (leaving,) = await start_workers(worker_pool.pipeline, 1, shutdown_grace_s=0.3)
+    for backend in worker_pool.backends:  # about 1.3 s per request: far longer than the grace
+        backend.service["decode_ms_per_token"] = 160.0
+        await backend.restart()
+    delivered: Counter[str] = Counter()
+    got: dict[str, Reply] = {}
+    try:
+        async with EchoClient(settings) as client:
+            ids = [
+                await client.send(f"Cut item {i}: say ok.", tenant="acme", max_new_tokens=8)
+                for i in range(40)
+            ]
+
+            async def read(until: Callable[[], bool], timeout_s: float) -> None:
+                deadline = time.monotonic() + timeout_s
+                while not until() and time.monotonic() < deadline:
+                    async for reply in client.replies(timeout=0.2):
+                        delivered[reply.request_id] += 1
+                        got[reply.request_id] = reply
+                        if until():
+                            break
+
+            await read(lambda: any(worker_pid(r) == leaving.pid for r in got.values()), 60)
+            assert any(worker_pid(r) == leaving.pid for r in got.values()), "the leaving worker never served"
+            exit_code = await leaving.stop(timeout_s=30)
+            await read(lambda: set(ids) <= got.keys(), 120)
+            await read(lambda: False, 2.0)  # a late duplicate would be delivered now, if at all
+    finally:
+        for backend in worker_pool.backends:
+            backend.service["decode_ms_per_token"] = FAST["decode_ms_per_token"]
+            await backend.restart()
+
+    counts = shutdown_counts(leaving.log_path.read_text(errors="replace"))
+    assert counts is not None, leaving.log_tail()
+    in_flight, drained, abandoned = counts
+    assert abandoned > 0, counts  # the grace cut requests off
+    assert set(delivered) == set(ids), (
+        f"{len(set(ids) - set(delivered))} requests never answered (cut and committed?); "
+        f"{crash_report(worker_pool.pipeline.workers)}"
+    )
+    assert all(n == 1 for n in delivered.values()), [i for i, n in delivered.items() if n > 1]
+    assert all(r.ok for r in got.values()), [r for r in got.values() if not r.ok][:3]
+    assert exit_code == 0, leaving.log_tail()
+    print(
+        f"\nsigterm cut: {in_flight} in flight at the signal, {drained} drained, {abandoned} cut by the "
+        f"{leaving.settings.worker.shutdown_grace_s:g}s grace; all {len(ids)} answered once "
+        f"({sum(worker_pid(r) == staying.pid for r in got.values())} by the other worker)"
+    )
+
+
 async def _reply_times(settings: Settings, pids: set[str]) -> dict[str, float]:
     """request id -> the wall time (s) its reply was produced, for replies from workers ``pids``."""
     topic = settings.topic("replies")
