@@ -290,9 +290,9 @@ async def test_the_prepare_agent_batches_its_stream(prep: Prep, monkeypatch: pyt
 # ------------------------------------------------------------------------- in process (no prepared hop)
 async def test_inline_handoff_serves_in_process_and_commits_only_after_serving(prep: Prep) -> None:
     """``worker.prepared_hop = "inline"``: nothing crosses the prepared topic, the batch returns before
-    its requests are served (the next batch is not held up), and each event stays uncommitted until
-    its serve finished; a serve that raises is answered with an error and dead-lettered by the guard
-(agents/guard.py), its event acked, and the next batch is served."""
+        its requests are served (the next batch is not held up), and each event stays uncommitted until
+        its serve finished; a serve that raises is answered with an error and dead-lettered by the guard
+    (agents/guard.py), its event acked, and the next batch is served."""
     release, served = asyncio.Event(), []
 
     async def serve(record: PreparedRecord) -> None:
