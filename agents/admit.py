@@ -15,16 +15,21 @@ Merge rules per example id (``sha256(tenant, normalised request)``):
       eviction value).
 
 Error policy: Milvus unavailable -> wait and retry the same batch (the log is durable and the offsets
-are not committed until the batch is applied); nothing is skipped.
+are not committed until the batch is applied); nothing is skipped. Anything else a batch raises ->
+its records are applied one by one under the guard (agents/guard.py): the one that fails is
+dead-lettered with stage ``admit`` (no reply: its request was answered already), the rest applied,
+and the agent goes on. Offsets are acked in order, after their record was applied or dead-lettered.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import cast
 
 import faust
 
@@ -35,9 +40,11 @@ from infra.protocols import Example, VectorStore
 from infra.resources import Resources
 from infra.settings import Settings
 from streams.codecs import decode_vector
-from streams.records import LogRecord
+from streams.records import LogRecord, ReplyAddress
 from streams.topology import Topics
 
+from .guard import AckGate, Guard, mark
+from .reject import Rejecter
 from .state import DecisionState
 
 __all__ = ["apply_log_records", "example_from_log", "register_admit"]
@@ -192,24 +199,44 @@ async def apply_log_records(
     return counts
 
 
+async def _admit_batch(
+    res: Resources, state: DecisionState, events: Sequence[faust.EventT[LogRecord]]
+) -> None:
+    """Apply one batch of log events; an unavailable store is waited for, the same batch retried."""
+    batch = [cast("LogRecord", e.value) for e in events]
+    mark("admit", *(r.request.request_id for r in batch))
+    while True:
+        store = res.store
+        if store is not None:
+            try:
+                counts = await apply_log_records(batch, store, res.settings, now=time.time(), state=state)
+                break
+            except DependencyUnavailable:
+                log.warning("vector store unavailable while admitting; retrying the batch", exc_info=True)
+        await asyncio.sleep(1.0)
+    for reason in ("admitted", "replaced", "imported"):
+        if counts[reason]:
+            res.metrics.admitted.labels(reason).inc(counts[reason])
+
+
+def _address(event: faust.EventT[LogRecord]) -> ReplyAddress:
+    request = cast("LogRecord", event.value).request
+    return ReplyAddress(request.request_id, request.tenant, request.reply_topic)
+
+
 def register_admit(app: faust.App, topics: Topics, res: Resources, state: DecisionState) -> None:
-    settings = res.settings
+    guard = Guard(res, Rejecter(app, topics, res))
+    gate = AckGate(lambda: app.consumer)
+    admit_batch = functools.partial(_admit_batch, res, state)
 
     @app.agent(topics.log, name="echolm.admit")
     async def admit(stream: faust.StreamT[LogRecord]) -> None:
         await res.ready.wait()
-        async for batch in stream.take(64, within=0.2):
-            while True:
-                store = res.store
-                if store is not None:
-                    try:
-                        counts = await apply_log_records(batch, store, settings, now=time.time(), state=state)
-                        break
-                    except DependencyUnavailable:
-                        log.warning(
-                            "vector store unavailable while admitting; retrying the batch", exc_info=True
-                        )
-                await asyncio.sleep(1.0)
-            for reason in ("admitted", "replaced", "imported"):
-                if counts[reason]:
-                    res.metrics.admitted.labels(reason).inc(counts[reason])
+        # ``take_events`` is on faust.Stream (what agents receive) but missing from faust.StreamT
+        async for events in cast("faust.Stream[LogRecord]", stream).take_events(64, within=0.2):
+            for event in events:
+                gate.hold(event)
+            # the request was answered already: a failure is dead-lettered, never replied to
+            await guard.run_batch(admit_batch, events, _address, reply=False)
+            for event in events:
+                gate.release(event)

@@ -14,6 +14,10 @@ checkpointed), so a duplicate published before the first came back is skipped th
 
 Feedback for a request this worker never saw (older than the map, or before a restart) is
 counted as ``unjoined`` and dropped; it carries no decision to learn from.
+
+Error policy: each record is handled under the guard (agents/guard.py): a record whose handling
+raises is dead-lettered with stage ``learn`` (no reply: feedback has no reply address) and the agent
+goes on; offsets are acked in order once handled or dead-lettered.
 """
 
 from __future__ import annotations
@@ -28,9 +32,11 @@ import numpy as np
 from agents.policy.retrieval import candidate_features
 from infra.protocols import SearchHit
 from infra.resources import Resources
-from streams.records import FeedbackRecord, LogRecord, ModelUpdateRecord
+from streams.records import FeedbackRecord, LogRecord, ModelUpdateRecord, ReplyAddress
 from streams.topology import Topics
 
+from .guard import AckGate, Guard, mark
+from .reject import Coordinates, Rejecter
 from .state import DecisionState, RecentDecision
 
 __all__ = ["register_learn"]
@@ -90,30 +96,69 @@ def _model_update(fb: FeedbackRecord, decision: RecentDecision, worker: str) -> 
     )
 
 
+class _Learner:
+    """The two handlers, one record each (run under the guard by ``register_learn``)."""
+
+    def __init__(self, topics: Topics, res: Resources, state: DecisionState) -> None:
+        self.topics, self.res, self.state = topics, res, state
+
+    async def remember(self, record: LogRecord) -> None:
+        mark("learn")
+        if record.origin != "serve":
+            return
+        decision = decision_from_log(
+            record, self.res.settings.milvus.dimension, self.res.settings.tgi.large_tier
+        )
+        if decision is not None:
+            self.state.remember(record.request.request_id, decision)
+
+    async def join(self, fb: FeedbackRecord) -> None:
+        mark("learn", fb.request_id)
+        metrics = self.res.metrics
+        if self.state.has_rating(fb.request_id, fb.rater):
+            metrics.feedback.labels("duplicate").inc()
+            return
+        decision = await _await_decision(self.state, fb.request_id)
+        if decision is None:
+            metrics.feedback.labels("unjoined").inc()
+            return
+        update = _model_update(fb, decision, self.res.worker_id)
+        fut = await self.topics.model_updates.send(key=fb.tenant, value=update)
+        await fut
+        metrics.feedback.labels("joined").inc()
+
+
 def register_learn(app: faust.App, topics: Topics, res: Resources, state: DecisionState) -> None:
-    dim = res.settings.milvus.dimension
-    metrics = res.metrics
+    learner = _Learner(topics, res, state)
+    guard = Guard(res, Rejecter(app, topics, res))
+    log_gate, feedback_gate = AckGate(lambda: app.consumer), AckGate(lambda: app.consumer)
 
     @app.agent(topics.log, name="echolm.learn-log")
     async def learn_log(stream: faust.StreamT[LogRecord]) -> None:
-        async for record in stream:
-            if record.origin != "serve":
-                continue
-            decision = decision_from_log(record, dim, res.settings.tgi.large_tier)
-            if decision is not None:
-                state.remember(record.request.request_id, decision)
+        async for event in stream.events():
+            log_gate.hold(event)
+            record: LogRecord = event.value
+            request = record.request
+            await guard.run(
+                learner.remember,
+                record,
+                coords=Coordinates.of(event),
+                address=ReplyAddress(request.request_id, request.tenant, request.reply_topic),
+                reply=False,  # its request was answered already
+            )
+            log_gate.release(event)
 
     @app.agent(topics.feedback, name="echolm.learn-feedback")
     async def learn_feedback(stream: faust.StreamT[FeedbackRecord]) -> None:
-        async for fb in stream:
-            if state.has_rating(fb.request_id, fb.rater):
-                metrics.feedback.labels("duplicate").inc()
-                continue
-            decision = await _await_decision(state, fb.request_id)
-            if decision is None:
-                metrics.feedback.labels("unjoined").inc()
-                continue
-            update = _model_update(fb, decision, res.worker_id)
-            fut = await topics.model_updates.send(key=fb.tenant, value=update)
-            await fut
-            metrics.feedback.labels("joined").inc()
+        async for event in stream.events():
+            feedback_gate.hold(event)
+            fb: FeedbackRecord = event.value
+            await guard.run(
+                learner.join,
+                fb,
+                coords=Coordinates.of(event),
+                address=ReplyAddress(fb.request_id, fb.tenant, ""),
+                raw=event.message.value,
+                reply=False,  # feedback has no reply address
+            )
+            feedback_gate.release(event)

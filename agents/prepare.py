@@ -12,8 +12,11 @@ Error policy:
     * ``BadInput`` (decode, schema, limits, tenant, reply topic) -> error reply + dead letter, go on.
     * embedder or Milvus unavailable -> the request goes on with no examples (``selection_bypassed``
       says why, ``echolm_selection_bypass_total`` counts it); it is never dropped.
-    * anything else raises: faust's supervisor restarts the agent and the batch is re-read
-      (its offsets were not committed).
+    * anything else a batch raises -> its records are prepared again one at a time under the guard
+      (agents/guard.py): the one that fails gets an error reply (``internal``) where its raw record
+      names a reply address, and a dead letter with topic, partition, offset and the stage it reached
+      (``parse``, ``embed``, ``retrieve``, ``select``, ``send``); the rest go on. With the inline hop,
+      a serve that raises is answered the same way. Cancellation (shutdown) is not a failure.
 
 In one process (``worker.prepared_hop = "inline"``), step 5 hands each record to serve's handler
 directly instead of the prepared topic (``Preparer._hand_over``); the offset is then committed only
@@ -25,8 +28,8 @@ Ordering (reply-then-commit), per batch; ``Preparer.handle_batch`` runs steps 1-
     3. retrieve candidates, one search per tenant,
     4. select examples per request (pure) and build its PreparedRecord with the routing context,
     5. send one PreparedRecord per request and await every delivery,
-then ``take_events`` acks the batch's events when the loop body returns, so their offsets become
-committable.
+then the batch's events are released to the ``AckGate`` (agents/guard.py), which acks them in offset
+order; ``take_events``' own ack (made even when the body is cancelled) cannot commit them alone.
 """
 
 from __future__ import annotations
@@ -47,9 +50,10 @@ from infra.errors import BadInput, DependencyUnavailable, UnknownReplyTopic
 from infra.protocols import SearchHit, Vector
 from infra.resources import Resources
 from streams.codecs import encode_vector
-from streams.records import ExampleRef, PreparedRecord, RequestRecord, parse_request
+from streams.records import ExampleRef, PreparedRecord, ReplyAddress, RequestRecord, parse_request
 from streams.topology import Topics
 
+from .guard import AckGate, Guard, mark
 from .reject import Coordinates, Rejecter
 from .state import DecisionState
 
@@ -112,6 +116,7 @@ class Preparer:
         to ``handoff`` (``Server.handle`` in this process) instead: see ``_hand_over``."""
         self.app, self.topics, self.res, self.state = app, topics, res, state
         self.rejecter = Rejecter(app, topics, res)
+        self.guard = Guard(res, self.rejecter)
         self.default_reply = res.settings.topic("replies")
         self.handoff = handoff
         self._slots = asyncio.Semaphore(res.settings.worker.concurrency)
@@ -124,6 +129,7 @@ class Preparer:
             failed, self._failed = self._failed, None
             raise failed
         t0 = time.perf_counter()
+        mark("parse")
         valid = await self._parse(events)  # 1. parse
         if not valid:
             return
@@ -137,6 +143,7 @@ class Preparer:
         await self._retrieve(batch)  # 3. retrieve
         batch.now = time.time()
         prepared = [self._select(batch, i) for i in range(len(batch.requests))]  # 4. select
+        mark("send")
         if self.handoff is None:
             await self._send(prepared)  # 5. send
         else:
@@ -157,6 +164,7 @@ class Preparer:
 
     async def _parse_one(self, raw: bytes) -> RequestRecord:
         request = parse_request(raw, default_reply_topic=self.default_reply, limits=self.res.settings.limits)
+        mark("parse", request.request_id)
         if request.reply_topic != self.default_reply and not await self.res.topic_directory.exists(
             request.reply_topic
         ):
@@ -168,6 +176,7 @@ class Preparer:
 
     async def _embed(self, batch: _Batch) -> None:
         """2. One embedding call for the batch; a missing or failing embedder bypasses selection."""
+        mark("embed", *(r.request_id for r in batch.requests))
         t = time.perf_counter()
         embedder = self.res.embedder
         if embedder is None:
@@ -185,6 +194,7 @@ class Preparer:
     async def _retrieve(self, batch: _Batch) -> None:
         """3. Candidates per request: ``search_batch``, one search per tenant, all in flight at once
         (one call for a one-tenant batch; no query ever spans tenants)."""
+        mark("retrieve", *(r.request_id for r in batch.requests))
         t = time.perf_counter()
         batch.hits = [[] for _ in batch.requests]
         store = self.res.store
@@ -204,6 +214,7 @@ class Preparer:
         """4. Request ``i``'s examples (pure selection), its routing context and its record."""
         t = time.perf_counter()
         settings, request, vector = self.res.settings, batch.requests[i], batch.vector(i)
+        mark("select", request.request_id)
         selected: list[Selected] = []
         if vector is not None and batch.hits[i]:
             selected = list(
@@ -259,9 +270,10 @@ class Preparer:
         ``worker.concurrency`` at once, without waiting for the batch: the next batch is embedded while
         this one generates, as with the topic. Reply-then-commit still holds: each event's message gets
         one more reference here, so ``take_events``' ack leaves it uncommitted; the serve task acks it
-        after the reply and the log record are delivered. A task that raises leaves its offset
-        uncommitted and re-raises from the next batch (the agent's supervisor restarts it, as it would
-        restart serve). The wait for a free slot is the ``handoff`` stage."""
+        after the reply and the log record are delivered. A serve that raises is answered and
+        dead-lettered by the guard, as in serve; only a failure of the guard itself (the dead letter
+        could not be sent) leaves the offset uncommitted and re-raises from the next batch (the
+        agent's supervisor restarts it). The wait for a free slot is the ``handoff`` stage."""
         for record, event in zip(prepared, events, strict=True):
             queued = time.perf_counter()
             await self._slots.acquire()
@@ -275,8 +287,15 @@ class Preparer:
 
     async def _serve_inline(self, record: PreparedRecord, event: faust.EventT[bytes]) -> None:
         assert self.handoff is not None
+        handoff = self.handoff
+        request = record.request
         try:
-            await self.handoff(record)
+            await self.guard.run(
+                handoff,
+                record,
+                coords=Coordinates.of(event),
+                address=ReplyAddress(request.request_id, request.tenant, request.reply_topic),
+            )
             event.ack()
         except Exception as exc:
             log.exception(
@@ -308,6 +327,7 @@ def register_prepare(app: faust.App, topics: Topics, res: Resources, state: Deci
 
         handoff = Server(app, topics, res, state).handle
     preparer = Preparer(app, topics, res, state, handoff=handoff)
+    gate = AckGate(lambda: app.consumer)
     emb = res.settings.embedding
 
     @app.agent(topics.requests, name="echolm.prepare")
@@ -318,8 +338,16 @@ def register_prepare(app: faust.App, topics: Topics, res: Resources, state: Deci
             emb.batch_size, within=max(emb.batch_window_s, 0.001)
         )
         async for events in batches:
+            for event in events:
+                gate.hold(event)
+            if res.draining:  # SIGTERM: not taken; un-acked, for the worker that takes over
+                continue
             res.inflight += len(events)
             try:
-                await preparer.handle_batch(events)
+                await preparer.guard.run_batch(
+                    preparer.handle_batch, events, lambda e: preparer.rejecter.address_of(e.message.value)
+                )
+                for event in events:
+                    gate.release(event)  # not reached when cancelled: the offsets stay uncommitted
             finally:
                 res.inflight -= len(events)

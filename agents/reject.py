@@ -1,5 +1,6 @@
 """The bad-input policy shared by every agent: error reply where an address is known, a dead
 letter with the record's coordinates always, a log line with topic/partition/offset, and go on.
+``fail`` does the same for a handler that raised (agents/guard.py), with the stage it reached.
 
 Both sends are awaited until the broker acknowledges them (``await (await topic.send(...))``),
 so the source offset is only committed after the rejection is durable.
@@ -16,7 +17,14 @@ import faust
 
 from infra.errors import ServiceError, UnknownReplyTopic
 from infra.resources import Resources
-from streams.records import DeadLetterRecord, ErrorInfo, ReplyRecord, decode_object, reply_address
+from streams.records import (
+    DeadLetterRecord,
+    ErrorInfo,
+    ReplyAddress,
+    ReplyRecord,
+    decode_object,
+    reply_address,
+)
 from streams.topology import Topics
 
 __all__ = ["Coordinates", "Rejecter"]
@@ -79,16 +87,73 @@ class Rejecter:
         fut = await topic.send(key=request_id, value=reply)
         await fut
 
+    def address_of(self, raw: bytes | str | None) -> ReplyAddress | None:
+        """Best effort: where an error reply for this raw request record can go (None: nowhere)."""
+        settings = self.res.settings
+        try:
+            data = decode_object(raw, settings.limits)
+            return reply_address(data, settings.topic("replies"), settings.limits)
+        except ServiceError:
+            return None
+
+    async def fail(
+        self,
+        coords: Coordinates,
+        address: ReplyAddress | None,
+        *,
+        stage: str,
+        exc: BaseException,
+        raw: bytes | str | None = None,
+        reply: bool = True,
+    ) -> None:
+        """A handler raised at ``stage`` (agents/guard.py): dead letter, and an error reply (``internal``)
+        when ``address`` says where and ``reply`` (a record whose request was answered already gets
+        none), both awaited to the broker."""
+        code = exc.code if isinstance(exc, ServiceError) else "internal"
+        reason = f"{type(exc).__name__}: {exc}"[:2000]
+        self.res.metrics.dead_letters.labels(code).inc()
+        self.res.metrics.requests.labels("failed").inc()
+        preview, size = _preview(raw)
+        letter = DeadLetterRecord(
+            source_topic=coords.topic,
+            partition=coords.partition,
+            offset=coords.offset,
+            reason=reason,
+            error_code=code,
+            key=_key_text(coords.key),
+            value_preview=preview,
+            value_bytes=size,
+            request_id=address.request_id if address else "",
+            tenant=address.tenant if address else "",
+            worker=self.res.worker_id,
+            at=time.time(),
+            stage=stage,
+        )
+        fut = await self.topics.deadletter.send(key=letter.request_id or _key_text(coords.key), value=letter)
+        if not reply:
+            await fut
+            return
+        default = self.res.settings.topic("replies")
+        if (
+            address is not None
+            and address.reply_topic != default
+            and not await self.res.topic_directory.exists(address.reply_topic)
+        ):
+            address = replace(address, reply_topic=default)  # never auto-create a topic nobody reads
+        if address is not None:
+            await self.error_reply(
+                request_id=address.request_id,
+                tenant=address.tenant,
+                reply_topic=address.reply_topic,
+                error=f"the request failed at stage {stage} ({reason}); it was dead-lettered",
+                code=code,
+            )
+        await fut
+
     async def reject(self, coords: Coordinates, raw: bytes | str | None, exc: ServiceError) -> None:
         """Dead-letter one bad record (and reply with the error if the record says where)."""
         settings = self.res.settings
-        address = None
-        try:
-            address = reply_address(
-                decode_object(raw, settings.limits), settings.topic("replies"), settings.limits
-            )
-        except ServiceError:
-            address = None
+        address = self.address_of(raw)
         default = settings.topic("replies")
         if (
             address is not None

@@ -10,15 +10,19 @@ replaced only when a candidate beats the incumbent by a margin, and the round co
 so the cap holds.
 
 Error policy: a backend failure, an unavailable vector store or a busy period ends this tick (the
-examples go back in the queue); anything else is logged and counted (``tick_failed``) and ends the
-tick. Replay never competes with live traffic and never raises into the worker: a faust timer that
-raises crashes the whole worker.
+examples go back in the queue); anything else replaying one example raises is handled by the guard
+(agents/guard.py): a dead letter with stage ``replay`` and the example's id (``replay:<example id>``,
+no source coordinates: partition and offset -1), counted in ``echolm_handler_failures_total``, and
+the tick goes on with the next example; a failure outside that is logged and counted
+(``tick_failed``) and ends the tick. Replay never competes with live traffic and never raises into
+the worker: a faust timer that raises crashes the whole worker.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from typing import cast
 
 import faust
 
@@ -28,9 +32,11 @@ from infra.errors import BackendError, DependencyUnavailable
 from infra.protocols import Example, GenerationParams
 from infra.resources import Resources
 from streams.codecs import encode_vector
-from streams.records import LogRecord, ReplyRecord, RequestRecord, RouteInfo
+from streams.records import LogRecord, ReplyAddress, ReplyRecord, RequestRecord, RouteInfo
 from streams.topology import Topics
 
+from .guard import Guard, mark
+from .reject import Coordinates, Rejecter
 from .scorers import ReferenceFreeScorer, Scorer
 from .state import DecisionState
 
@@ -42,9 +48,17 @@ _MARGIN = 0.05
 
 class Replayer:
     def __init__(
-        self, topics: Topics, res: Resources, state: DecisionState, scorer: Scorer | None = None
+        self,
+        topics: Topics,
+        res: Resources,
+        state: DecisionState,
+        scorer: Scorer | None = None,
+        *,
+        app: faust.App | None = None,
     ) -> None:
         self.topics, self.res, self.state = topics, res, state
+        # the guard only dead-letters here (no reply): the app is needed for reply topics alone
+        self.guard = Guard(res, Rejecter(cast("faust.App", app), topics, res))
         self._scorer = scorer
         self.large = [b for b in state.backends if b.tier == res.settings.tgi.large_tier]
 
@@ -86,15 +100,29 @@ class Replayer:
             return 0
         plan = plan_replay(examples, k=k, min_gain=s.replay.min_gain, max_rounds=s.replay.max_rounds)
         done = 0
-        for example in plan:
+        paused: list[BackendError] = []
+
+        async def replay_one(example: Example) -> None:
+            mark("replay", f"replay:{example.example_id}")
             try:
                 await self._replay_one(example, scorer)
             except BackendError as exc:
-                log.info("replay paused: %s", exc)
+                paused.append(exc)
+
+        for example in plan:
+            replayed = await self.guard.run(
+                replay_one,
+                example,
+                coords=Coordinates(topic="", partition=-1, offset=-1, key=example.example_id),
+                address=ReplyAddress(f"replay:{example.example_id}", example.tenant, ""),
+                reply=False,
+            )
+            if paused:
+                log.info("replay paused: %s", paused[0])
                 self.res.metrics.replayed.labels("backend_error").inc()
                 self.state.replay_queue.push(example.tenant, example.example_id, example.gain)
                 break
-            done += 1
+            done += int(replayed)
         return done
 
     async def _replay_one(self, example: Example, scorer: Scorer) -> None:
@@ -157,7 +185,7 @@ class Replayer:
 def register_replay(app: faust.App, topics: Topics, res: Resources, state: DecisionState) -> None:
     if not res.settings.replay.enabled:
         return
-    replayer = Replayer(topics, res, state)
+    replayer = Replayer(topics, res, state, app=app)
 
     @app.timer(res.settings.replay.interval_s, name="echolm.replay")  # type: ignore[untyped-decorator]
     async def replay_tick() -> None:

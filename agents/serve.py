@@ -16,7 +16,10 @@ Error policy (the decisions are ``agents.policy.dispatch.next_step``; this modul
       sent before the deadline: backends get the deadline minus a margin for the reply itself;
       ``deadline_exceeded`` when the deadline ran out during a generation, else ``no_backend_available``;
     * a router failure -> bypass: the least-loaded healthy backend (counted);
-    * anything else raises (the supervisor restarts the actor; the offset was not committed).
+    * anything else the handler raises -> the guard (agents/guard.py): an error reply (``internal``) to
+      the request's reply topic and a dead letter with topic, partition, offset and the stage it
+      reached (``route``, ``generate`` or ``emit``), counted in ``echolm_handler_failures_total``; the
+      actor goes on with the next record. Cancellation (shutdown) is not a failure: nothing is sent.
 
 Every generation attempt is timed: ``echolm_stage_seconds{stage="generate"}`` observes each, the
 worker log has a line per attempt, and the log record lists them (``RouteInfo.generate_ms``).
@@ -26,7 +29,8 @@ Ordering (reply-then-commit), per request:
        or another, gets its stored reply re-sent (awaited) and nothing else: no route, no generation;
     1. route, 2. generate (with retries), 3a. send the answered record (``<prefix>.answered``) and
     await delivery, 3b. send the reply and await delivery, 4. send the log record and await delivery,
-    5. return to ``async for`` (faust acks the event).
+    5. release the event to the ``AckGate``, which acks it once every earlier record of its partition
+    is done too (a record cut by shutdown is never acked, so nothing after it is committed either).
 Replies are keyed and deduplicated by request id (at-least-once processing, exactly one reply per
 request id as the client sees it, and one generation per request id: docs/reliability.md).
 """
@@ -66,11 +70,20 @@ from infra.errors import BackendError, BackendTimeout, NoBackendAvailable, Servi
 from infra.protocols import Generation, QueueDepth
 from infra.resources import Resources
 from streams.codecs import decode_vector
-from streams.records import ExampleRef, LogRecord, PreparedRecord, ReplyRecord, RequestRecord, RouteInfo
+from streams.records import (
+    ExampleRef,
+    LogRecord,
+    PreparedRecord,
+    ReplyAddress,
+    ReplyRecord,
+    RequestRecord,
+    RouteInfo,
+)
 from streams.topology import Topics
 
+from .guard import AckGate, Guard, mark
 from .idempotency import guard_for
-from .reject import Rejecter
+from .reject import Coordinates, Rejecter
 from .state import DecisionState
 
 __all__ = ["register_serve"]
@@ -210,6 +223,7 @@ class Server:
         if isinstance(served, GiveUp):
             await self._give_up(request, served, run, run.timings(timings))
             return
+        mark("emit", request.request_id)
         await self._emit(prepared, run, *served, run.timings(timings))  # 3. reply, 4. log
 
     def _arrival(self, prepared: PreparedRecord, now_wall: float) -> dict[str, float]:
@@ -232,6 +246,7 @@ class Server:
                 run.attempt, run.error = Attempt(run.attempt.generations), None
                 continue
             run.attempt = Attempt(run.attempt.generations, step.exclude)
+            mark("route", run.request.request_id)
             t = time.perf_counter()
             try:
                 decision = self.route(run.context, set(step.exclude), time.monotonic())
@@ -253,6 +268,7 @@ class Server:
 
     async def _generate(self, run: _Dispatch, decision: RouteDecision) -> Generation | BackendError:
         """One generation on the routed backend, timed and counted; a failure is returned, not raised."""
+        mark("generate", run.request.request_id)
         s, metrics, backend = self.res.settings, self.res.metrics, decision.backend
         timeout = attempt_timeout(run.time_left(), s.tgi.request_timeout_s)
         if timeout <= 0:
@@ -404,14 +420,31 @@ class Server:
 
 
 def register_serve(app: faust.App, topics: Topics, res: Resources, state: DecisionState) -> None:
+    """One prepared record at a time per actor, under the guard (agents/guard.py): a handler that
+    raises is answered and dead-lettered; its offset, like every other, is acked in order once
+    handled. On SIGTERM (``res.draining``) a record taken from the stream buffer is not served: it
+    stays un-acked and uncommitted, for the worker that takes the partition over."""
     server = Server(app, topics, res, state)
+    guard = Guard(res, server.rejecter)
+    gate = AckGate(lambda: app.consumer)
 
     @app.agent(topics.prepared, name="echolm.serve", concurrency=res.settings.worker.concurrency)
     async def serve(stream: faust.StreamT[PreparedRecord]) -> None:
         await res.ready.wait()
-        async for prepared in stream:
+        async for event in stream.events():
+            gate.hold(event)
+            if res.draining:
+                continue
+            prepared: PreparedRecord = event.value
+            request = prepared.request
             res.inflight += 1
             try:
-                await server.handle(prepared)
+                await guard.run(
+                    server.handle,
+                    prepared,
+                    coords=Coordinates.of(event),
+                    address=ReplyAddress(request.request_id, request.tenant, request.reply_topic),
+                )
+                gate.release(event)  # not reached when cancelled: the offset stays uncommitted
             finally:
                 res.inflight -= 1

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.hostfacts import host_facts, loadavg
+from bench.hostfacts import host_facts, loadavg, metadata
 from bench.quality_eval.facts import Fact, carries_fact, load_facts
 from bench.stats import wilson_interval
 
@@ -130,6 +130,7 @@ async def run(*, per_fact: int, n_facts: int, max_new_tokens: int) -> dict[str, 
     every = load_facts()
     facts = {t: [f for f in every if f.tenant == t][:n_facts] for t in TENANTS}
     load_start = loadavg()
+    started_at = time.time()
     with tempfile.TemporaryDirectory(prefix="echolm-facts-") as tmp:
         data = Path(tmp)
         stack = LocalStack(
@@ -170,15 +171,19 @@ async def run(*, per_fact: int, n_facts: int, max_new_tokens: int) -> dict[str, 
     total, foreign, shown = _leaks(rows, log)
     missing_log = sum(1 for r in rows if r["ok"] and r["request_id"] not in shown)
     return {
-        "schema": "echolm.facts-e2e.v1",
-        "command": (
-            f"python -m bench.facts_e2e --per-fact {per_fact} --facts {n_facts} "
-            f"--max-new-tokens {max_new_tokens}"
+        **metadata(
+            "facts-e2e",
+            command=(
+                f"python -m bench.facts_e2e --per-fact {per_fact} --facts {n_facts} "
+                f"--max-new-tokens {max_new_tokens}"
+            ),
+            started_at=started_at,
+            wall_s=round(wall, 1),
         ),
         "machine": host_facts(loadavg_start=load_start, loadavg_end=loadavg()),
+        "schema": "echolm.facts-e2e.v1",
         "models": str(stack.models),
         "stack": "echolm up defaults (1 worker, embedded Milvus, dev TGI llama.cpp servers)",
-        "wall_s": round(wall, 1),
         "summary": summarise(rows, total, foreign) | {"served_without_log_record": missing_log},
         "rows": rows,
     }

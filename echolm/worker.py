@@ -1,9 +1,13 @@
 """``echolm worker``: one faust worker process with a graceful, bounded shutdown.
 
-On SIGTERM/SIGINT: (1) stop fetching (pause every assigned partition), (2) wait until the requests
-already in flight are answered or ``worker.shutdown_grace_s`` passes, (3) stop the app: agents are
-cancelled, un-acked offsets stay uncommitted (another worker re-processes them; the client drops
-the duplicate reply), adapters close in reverse order. Counts are logged.
+On SIGTERM/SIGINT: (1) stop taking records: every assigned partition is paused and
+``Resources.draining`` is set, so the agents leave the records already fetched into faust's stream
+buffers un-acked instead of serving them, (2) wait until the requests already in flight are answered
+or ``worker.shutdown_grace_s`` passes, (3) cancel the agents (before the adapters close under
+them), then stop the app. Offsets are acked in order and only once handled (agents/guard.py,
+``AckGate``), so neither a record the grace cut off nor a buffered one, nor anything after them in
+their partition, is committed: the worker that takes the partition over serves them (the client
+drops a duplicate reply). Adapters close in reverse order. Counts are logged.
 
 Liveness (infra/liveness.py): a timer in the event loop ticks every ``worker.liveness_tick_s`` and
 the consumer thread reports every fetch; ``/livez`` on the metrics port fails when either stops.
@@ -15,6 +19,7 @@ import asyncio
 import logging
 import signal
 import time
+import warnings
 from typing import Any
 
 import faust
@@ -40,6 +45,7 @@ class DrainingWorker(faust.Worker):
 
     async def _stop_on_signal(self, sig: signal.Signals) -> None:
         res = self.resources
+        res.draining = True  # before anything awaits: no agent takes another record
         consumer = self.app.consumer
         assigned = consumer.assignment()
         if assigned:
@@ -51,13 +57,25 @@ class DrainingWorker(faust.Worker):
             await asyncio.sleep(0.05)
         log.info(
             "shutdown on %s: %d in flight at signal, %d drained, %d abandoned after %.1fs grace "
-            "(their offsets stay uncommitted and will be re-processed)",
+            "(their offsets stay uncommitted and will be re-processed; records still buffered were "
+            "not taken)",
             sig.name,
             start_inflight,
             start_inflight - res.inflight,
             res.inflight,
             self.grace_s,
         )
+        # Cancel what the grace cut off *before* faust stops the services: it closes the adapters
+        # (Resources) before the agents, and a generation whose HTTP client closed under it would end
+        # in an error reply sent, and acked, by this worker instead of a cancellation. Cancelled, the
+        # record stays un-acked (agents/guard.py) and the worker that takes its partition serves it.
+        await self.app.agents.stop()
+        # faust's own stop would wait, without a bound, for every record taken and not yet acked:
+        # the ones this drain deliberately leaves un-acked (buffered, or cut by the grace) never will
+        # be. The bounded wait above replaces it; faust then commits what was acked (in order).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", faust.exceptions.AlreadyConfiguredWarning)
+            self.app.conf.stream_wait_empty = False
         await super()._stop_on_signal(sig)
 
 

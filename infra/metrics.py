@@ -100,6 +100,12 @@ class Metrics:
         self.dead_letters = Counter(
             "echolm_dead_letters_total", "Records dead-lettered", ["code"], registry=r
         )
+        self.handler_failures = Counter(
+            "echolm_handler_failures_total",
+            "Records whose handler raised, answered and dead-lettered by the guard, by stage",
+            ["stage"],
+            registry=r,
+        )
         self.feedback = Counter(
             "echolm_feedback_total", "Feedback records, by join result", ["result"], registry=r
         )

@@ -121,6 +121,8 @@ class Resources(Service):
         self.ready = asyncio.Event()
         self.topic_directory = TopicDirectory(kafka_client_kwargs(settings))
         self.inflight = 0  # requests taken from a topic and not yet answered (for graceful drain)
+        # set on SIGTERM (echolm/worker.py): agents take no new record; those they hold stay un-acked
+        self.draining = False
         self._retry_task: asyncio.Task[None] | None = None
         super().__init__()
 

@@ -326,6 +326,15 @@ class WorkerSettings(_Section):
     metrics_port: int = Field(9464, ge=0, le=65535, description="Prometheus /metrics; 0 disables.")
     web_port: int = Field(6066, ge=0, le=65535, description="faust's own web server; 0 picks a free one.")
     shutdown_grace_s: float = Field(10.0, ge=0, description="SIGTERM drain deadline for in-flight requests.")
+    fault_stages: list[
+        Literal[
+            "parse", "embed", "retrieve", "select", "route", "generate", "emit", "admit", "learn", "replay"
+        ]
+    ] = Field(
+        default_factory=list,
+        description="Tests only: handler stages at which a request id starting with fault-<stage>- raises "
+        "(fault injection, agents/guard.py). Leave empty.",
+    )
     data_dir: Path = Field(Path(".echolm/worker"), description="faust's data directory.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Worker log level.")
     role: Literal["all", "serve", "background"] = Field(

@@ -315,6 +315,7 @@ class DeadLetterRecord(faust.Record, namespace="echolm.DeadLetter.v1", serialize
     worker: str = ""
     at: float = 0.0
     version: int = SCHEMA_VERSION
+    stage: str = ""  # the handler stage that failed (agents/guard.py); "" = rejected as bad input
 
 
 # --------------------------------------------------------------------------------- request parsing

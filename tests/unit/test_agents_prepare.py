@@ -290,8 +290,9 @@ async def test_the_prepare_agent_batches_its_stream(prep: Prep, monkeypatch: pyt
 # ------------------------------------------------------------------------- in process (no prepared hop)
 async def test_inline_handoff_serves_in_process_and_commits_only_after_serving(prep: Prep) -> None:
     """``worker.prepared_hop = "inline"``: nothing crosses the prepared topic, the batch returns before
-    its requests are served (the next batch is not held up), and each event stays uncommitted until
-    its serve finished; a serve that raises leaves its event uncommitted and fails the next batch."""
+        its requests are served (the next batch is not held up), and each event stays uncommitted until
+        its serve finished; a serve that raises is answered with an error and dead-lettered by the guard
+    (agents/guard.py), its event acked, and the next batch is served."""
     release, served = asyncio.Event(), []
 
     async def serve(record: PreparedRecord) -> None:
@@ -316,7 +317,11 @@ async def test_inline_handoff_serves_in_process_and_commits_only_after_serving(p
     assert [r.request.request_id for r in served] == ["r1"]
     assert {"parse", "embed", "retrieve", "select", "handoff"} <= set(served[0].timings_ms)
     assert "sent_at" not in served[0].timings_ms
-    assert [e.message.acked for e in events] == [True, False]  # the failed one stays uncommitted
+    assert [e.message.acked for e in events] == [True, True]  # the failure was answered: both done
+    (letter,) = prep.deadletter.values
+    assert (letter.request_id, letter.partition, letter.offset) == ("boom", 2, events[1].message.offset)
+    assert "serve broke" in letter.reason and letter.error_code == "internal"
+    (reply,) = prep.replies.values
+    assert reply.request_id == "boom" and not reply.ok and reply.error is not None
     assert prep.h.resources.inflight == 0
-    with pytest.raises(RuntimeError, match="serve broke"):
-        await inline.handle_batch([prep.request("r2", "next batch")])
+    await inline.handle_batch([prep.request("r2", "next batch")])  # the next batch goes on

@@ -155,6 +155,30 @@ async def test_a_backend_error_ends_the_tick_and_requeues_the_example() -> None:
         )
 
 
+class BrokenScorer:
+    async def score(self, question: str, answers: Sequence[str], incumbent: str | None = None) -> list[float]:
+        raise ZeroDivisionError("scorer bug")
+
+
+async def test_an_example_whose_replay_raises_is_dead_lettered_and_the_tick_goes_on() -> None:
+    async with rig() as r:
+        old = await seed(r)
+        replayer = Replayer(r.h.topics, r.h.resources, r.h.state, scorer=BrokenScorer())
+        assert await replayer.tick() == 0  # no exception escapes into the faust timer
+        assert not r.logged()
+        (letter,) = r.h.topic("deadletter").values
+        assert (letter.stage, letter.request_id, letter.tenant) == (
+            "replay",
+            f"replay:{old.example_id}",
+            "acme",
+        )
+        assert "ZeroDivisionError" in letter.reason and (letter.partition, letter.offset) == (-1, -1)
+        metrics = r.h.resources.metrics.registry
+        assert metrics.get_sample_value("echolm_handler_failures_total", {"stage": "replay"}) == 1
+        await seed(r)  # the next tick, with a scorer that works, replays it
+        assert await r.replayer({"go to settings": 0.3}).tick() == 1
+
+
 @pytest.mark.parametrize(("gain", "rounds"), [(0.01, 0), (0.4, 5)], ids=["low gain", "max rounds"])
 async def test_examples_not_worth_replaying_are_skipped(gain: float, rounds: int) -> None:
     async with rig() as r:
