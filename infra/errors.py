@@ -42,6 +42,7 @@ __all__ = [
     "NoBackendAvailable",
     "SchemaError",
     "ServiceError",
+    "StreamDiverged",
     "UnknownReplyTopic",
     "UnknownTenant",
 ]
@@ -122,3 +123,9 @@ class ClientTimeout(ServiceError):
 
 class ClientOverloaded(ServiceError):
     code = "client_overloaded"
+
+
+class StreamDiverged(ServiceError):
+    """A retried generation's text disagrees with what a stream already showed (echolm/streaming.py)."""
+
+    code = "stream_diverged"

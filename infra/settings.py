@@ -323,6 +323,12 @@ class WorkerSettings(_Section):
     role: Literal["all", "serve", "background"] = Field(
         "all", description="serve = prepare+serve; background = admit, learn, replay, maintenance."
     )
+    stream_window_s: float = Field(
+        0.05,
+        ge=0,
+        le=5,
+        description="A streaming request's tokens are sent as reply chunks at most once per window.",
+    )
     liveness_tick_s: float = Field(
         1.0, gt=0, description="How often the event loop stamps its liveness tick."
     )

@@ -53,6 +53,7 @@ __all__ = [
     "LogRecord",
     "ModelUpdateRecord",
     "PreparedRecord",
+    "ReplyChunkRecord",
     "ReplyRecord",
     "RequestRecord",
     "RouteInfo",
@@ -121,13 +122,16 @@ class RequestRecord(faust.Record, namespace="echolm.Request.v1", serializer=ORJS
         return self.chat_messages() if self.messages else []
 
     def generation_params(self) -> GenerationParams:
-        """Sampling for the backend. Temperature 0 means greedy (TGI wants a positive temperature).
-
-        TODO(wave 2): ``top_p`` is carried but GenerationParams has no field for it yet.
-        """
+        """Sampling for the backend. Temperature 0 means greedy (TGI wants a positive temperature);
+        ``top_p`` 1 is no truncation, sent as None (TGI refuses top_p=1.0)."""
         temperature = self.temperature if self.temperature else None
+        top_p = self.top_p if self.top_p is not None and self.top_p < 1.0 else None
         return GenerationParams(
-            max_new_tokens=self.max_new_tokens, temperature=temperature, seed=self.seed, stop=tuple(self.stop)
+            max_new_tokens=self.max_new_tokens,
+            temperature=temperature,
+            seed=self.seed,
+            stop=tuple(self.stop),
+            top_p=top_p,
         )
 
     def chat_messages(self) -> list[ChatMessage]:
@@ -216,6 +220,30 @@ class ReplyRecord(faust.Record, namespace="echolm.Reply.v1", serializer=ORJSON_C
     n_examples: int = 0
     timings_ms: dict[str, float] = {}  # noqa: RUF012
     worker: str = ""
+    version: int = SCHEMA_VERSION
+    # the generation's facts (0 / "" on error replies and on records written before these fields)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = ""  # stop | length (the backend's)
+    kind: str = "reply"  # what a reader of a reply topic tells apart from ReplyChunkRecord's "chunk"
+
+
+class ReplyChunkRecord(faust.Record, namespace="echolm.ReplyChunk.v1", serializer=ORJSON_CODEC):
+    """A piece of a streaming request's reply, sent to its reply topic (keyed by request id, so in
+    order) while the backend generates; the ``ReplyRecord`` that follows still holds the whole text.
+
+    ``attempt`` names one generation attempt (worker id and a counter), unique across retries and
+    re-processing; ``seq`` numbers the chunks of that attempt from 0. Readers assemble per attempt in
+    ``seq`` order and show only text that the newest attempt agrees with (``echolm.streaming``).
+    """
+
+    request_id: str
+    tenant: str
+    attempt: str
+    seq: int
+    text: str
+    sent_at: float = 0.0  # unix seconds at the worker
+    kind: str = "chunk"
     version: int = SCHEMA_VERSION
 
 
