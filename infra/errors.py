@@ -43,6 +43,7 @@ __all__ = [
     "SchemaError",
     "ServiceError",
     "StreamDiverged",
+    "Unauthorized",
     "UnknownReplyTopic",
     "UnknownTenant",
 ]
@@ -79,6 +80,12 @@ class ForbiddenReplyTopic(BadInput):
 
 class UnknownReplyTopic(BadInput):
     code = "unknown_reply_topic"
+
+
+class Unauthorized(BadInput):
+    """A record that cannot prove its tenant: unsigned, or signed with another secret (infra/signing.py)."""
+
+    code = "unauthorized"
 
 
 class BackendError(ServiceError):

@@ -42,6 +42,7 @@ __all__ = [
     "SelectionSettings",
     "Settings",
     "TGISettings",
+    "TenantSecretSettings",
     "WorkerSettings",
     "child_env",
     "load_settings",
@@ -290,6 +291,13 @@ class ReplaySettings(_Section):
     )
 
 
+class TenantSecretSettings(_Section):
+    """One tenant's signing secret for the Kafka path (infra/signing.py)."""
+
+    tenant: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Tenant the secret signs for.")
+    secret: SecretStr = Field(description="HMAC-SHA256 key; at least 16 characters.", min_length=16)
+
+
 class LimitsSettings(_Section):
     max_prompt_chars: int = Field(8000, ge=1, description="Longer prompts are rejected.")
     max_new_tokens: int = Field(512, ge=1, description="Largest max_new_tokens a request may ask for.")
@@ -302,6 +310,20 @@ class LimitsSettings(_Section):
     )
     tenants: list[str] | None = Field(None, description="Known tenants; None accepts any well-formed id.")
     tenant_pattern: str = Field(r"^[A-Za-z0-9_-]{1,64}$", description="Well-formed tenant ids.")
+    tenant_secrets: list[TenantSecretSettings] = Field(
+        default_factory=list,
+        description="Per-tenant signing secrets (JSON list). Non-empty: every request and feedback "
+        "record must be signed by its tenant's secret, private reply topics are bound to the tenant "
+        "(docs/reliability.md). Empty: trusted single-tenant mode, tenants are not authenticated.",
+    )
+
+    def tenant_secret(self, tenant: str) -> str | None:
+        """The tenant's secret, or None when it has none."""
+        for entry in self.tenant_secrets:
+            if entry.tenant == tenant:
+                return entry.secret.get_secret_value()
+        return None
+
     default_deadline_s: float = Field(120.0, gt=0, description="Deadline of a request that names none.")
 
 
