@@ -26,11 +26,14 @@ import faust
 import numpy as np
 
 from agents.policy.retrieval import candidate_features
+from infra.errors import Unauthorized
 from infra.protocols import SearchHit
 from infra.resources import Resources
-from streams.records import FeedbackRecord, LogRecord, ModelUpdateRecord
+from infra.settings import LimitsSettings
+from streams.records import FeedbackRecord, LogRecord, ModelUpdateRecord, authenticate
 from streams.topology import Topics
 
+from .reject import Coordinates, Rejecter
 from .state import DecisionState, RecentDecision
 
 __all__ = ["register_learn"]
@@ -62,6 +65,7 @@ def decision_from_log(record: LogRecord, dim: int, large_tier: str) -> RecentDec
         example_ids=tuple(ref.example_id for ref in record.examples),
         example_features=features,
         utilities=tuple(ref.utility for ref in record.examples),
+        tenant=record.request.tenant,
     )
 
 
@@ -72,6 +76,44 @@ async def _await_decision(state: DecisionState, request_id: str) -> RecentDecisi
             break
         await asyncio.sleep(0.1)
         decision = state.recent.get(request_id)
+    return decision
+
+
+def feedback_refusal(
+    fb: FeedbackRecord, decision_tenant: str | None, limits: LimitsSettings
+) -> Unauthorized | None:
+    """Why a feedback record is refused, or None. With signed tenants (``limits.tenant_secrets``) it
+    must be signed by its tenant's secret; and it must come from the tenant of the request it rates
+    (``decision_tenant``; None = not joined yet, "" = a decision logged before tenants were kept)."""
+    try:
+        authenticate({**fb.signed_fields(), "signature": fb.signature}, fb.tenant, limits)
+    except Unauthorized as exc:
+        return exc
+    if decision_tenant and decision_tenant != fb.tenant:
+        return Unauthorized(
+            f"feedback from tenant {fb.tenant!r} rates a request of another tenant; only its own tenant may"
+        )
+    return None
+
+
+async def _joined(fb: FeedbackRecord, state: DecisionState, rejecter: Rejecter) -> RecentDecision | None:
+    """The decision ``fb`` rates, or None: refused feedback is dead-lettered (no error reply: it could
+    reach the rated request's own client), unjoined feedback counted."""
+    res = rejecter.res
+    refusal = feedback_refusal(fb, None, res.settings.limits)
+    decision = None if refusal is not None else await _await_decision(state, fb.request_id)
+    if decision is None and refusal is None:
+        res.metrics.feedback.labels("unjoined").inc()
+        return None
+    if refusal is None and decision is not None:
+        refusal = feedback_refusal(fb, decision.tenant, res.settings.limits)
+    if refusal is not None:
+        res.metrics.feedback.labels("refused").inc()
+        event = faust.current_event()
+        topic = res.settings.topic("feedback")
+        coords = Coordinates.of(event) if event is not None else Coordinates(topic, -1, -1, fb.tenant)
+        await rejecter.reject(coords, fb.dumps(), refusal, reply=False)
+        return None
     return decision
 
 
@@ -93,6 +135,7 @@ def _model_update(fb: FeedbackRecord, decision: RecentDecision, worker: str) -> 
 def register_learn(app: faust.App, topics: Topics, res: Resources, state: DecisionState) -> None:
     dim = res.settings.milvus.dimension
     metrics = res.metrics
+    rejecter = Rejecter(app, topics, res)
 
     @app.agent(topics.log, name="echolm.learn-log")
     async def learn_log(stream: faust.StreamT[LogRecord]) -> None:
@@ -109,9 +152,8 @@ def register_learn(app: faust.App, topics: Topics, res: Resources, state: Decisi
             if state.has_rating(fb.request_id, fb.rater):
                 metrics.feedback.labels("duplicate").inc()
                 continue
-            decision = await _await_decision(state, fb.request_id)
+            decision = await _joined(fb, state, rejecter)
             if decision is None:
-                metrics.feedback.labels("unjoined").inc()
                 continue
             update = _model_update(fb, decision, res.worker_id)
             fut = await topics.model_updates.send(key=fb.tenant, value=update)

@@ -42,6 +42,8 @@ from aiokafka.errors import KafkaError
 from infra.errors import ClientTimeout
 from infra.kafka import kafka_client_kwargs, kafka_consumer_kwargs
 from infra.settings import Settings
+from infra.signing import sign
+from streams.records import feedback_fields
 
 from .pending import Outcome, ReplyTracker
 from .streaming import StreamAssembler
@@ -224,6 +226,12 @@ class EchoClient:
             self.commit_failures += 1
             log.warning("committing the reply topic position failed: %s", exc)
 
+    def _sign(self, body: dict[str, Any], tenant: str) -> None:
+        """Sign ``body`` for ``tenant`` when tenants are signed and this client holds its secret."""
+        secret = self.settings.limits.tenant_secret(tenant)
+        if secret is not None:
+            body["signature"] = sign(body, secret)
+
     async def send(
         self,
         prompt: str,
@@ -253,6 +261,7 @@ class EchoClient:
             body["no_store"] = True
         if deadline_s is not None:
             body["deadline_s"] = deadline_s
+        self._sign(body, tenant)
         now = time.monotonic()
         self._expire_due()
         if expires_in_s is None:
@@ -319,6 +328,7 @@ class EchoClient:
                 body["max_tokens"] = max_tokens
             if self.reply_topic != self.settings.topic("replies"):
                 body["reply_topic"] = self.reply_topic
+            self._sign(body, tenant)
             raw = orjson.dumps(body)
         queue: asyncio.Queue[dict[str, Any] | Reply] = asyncio.Queue()
         self._streams[request_id] = queue
@@ -356,14 +366,11 @@ class EchoClient:
         (``request_id``, ``rater``) is applied; sending it again changes nothing."""
         if self._producer is None:
             raise RuntimeError("EchoClient is not started")
-        value = {
-            "request_id": request_id,
-            "tenant": tenant,
-            "score": float(score),
-            "rater": rater,
-            "at": time.time(),
-            "__faust": {"ns": "echolm.Feedback.v1"},
-        }
+        value: dict[str, Any] = feedback_fields(
+            request_id=request_id, tenant=tenant, score=score, rater=rater, at=time.time()
+        )
+        self._sign(value, tenant)
+        value["__faust"] = {"ns": "echolm.Feedback.v1"}
         await self._producer.send_and_wait(self.feedback_topic, orjson.dumps(value), key=tenant.encode())
 
     async def replies(self, *, timeout: float | None = None) -> AsyncIterator[Reply]:

@@ -22,6 +22,7 @@ import orjson
 
 from infra.errors import BadInput
 from infra.settings import Settings
+from infra.signing import sign
 from streams.records import validate_request
 
 from .client import Reply
@@ -199,6 +200,15 @@ def chat_request_body(
     if "max_tokens" in payload and "max_completion_tokens" in payload:
         raise bad_request("send max_tokens or max_completion_tokens, not both", param="max_tokens")
     body = _request_body(payload, request_id=request_id, tenant=tenant, deadline_s=deadline_s)
+    if settings.limits.tenant_secrets:  # signed tenants: the gateway signs for the key's tenant
+        secret = settings.limits.tenant_secret(tenant)
+        if secret is None:
+            raise GatewayError(
+                403,
+                f"tenant {tenant!r} has no signing secret (limits.tenant_secrets)",
+                type="permission_error",
+            )
+        body["signature"] = sign(body, secret)
     try:
         validate_request(body, default_reply_topic=settings.topic("replies"), limits=settings.limits)
     except BadInput as exc:

@@ -549,15 +549,13 @@ def authenticate(data: dict[str, Any], tenant: str, limits: LimitsSettings) -> N
 
 
 def _tenant_reply_topic(reply_topic: str, default_topic: str, tenant: str, limits: LimitsSettings) -> None:
-    """With signed tenants, a private reply topic belongs to one tenant: ``<replies>.<tenant>`` or
-    ``<replies>.<tenant>.<suffix>``; the shared topic is for trusted readers (the gateway)."""
+    """With signed tenants, a private reply topic belongs to one tenant: ``<replies>.<tenant>``; the
+    shared topic is for trusted readers (the gateway)."""
     if not limits.tenant_secrets or reply_topic == default_topic:
         return
     own = f"{default_topic}.{tenant}"
-    if reply_topic != own and not reply_topic.startswith(own + "."):
-        raise ForbiddenReplyTopic(
-            f"reply_topic {reply_topic[:80]!r} is not tenant {tenant!r}'s; use {own!r} or '{own}.<suffix>'"
-        )
+    if reply_topic != own:
+        raise ForbiddenReplyTopic(f"reply_topic {reply_topic[:80]!r} is not tenant {tenant!r}'s; use {own!r}")
 
 
 def validate_request(
