@@ -123,7 +123,7 @@ async def _demo_gateway(url: str, key: str | None) -> None:
     question = DEMO_QUESTIONS[0][1]
     body = {"model": "echolm-auto", "messages": [{"role": "user", "content": question}], "stream": True}
     headers = {"authorization": f"Bearer {key}"} if key is not None else {}
-    print(f"\n[gateway, streamed] Q: {question}\nA: ", end="", flush=True)
+    print(f"\n[gateway, streamed] asking: {question}\nA: ", end="", flush=True)
     pieces = 0
     async with (
         httpx.AsyncClient(timeout=180) as http,
@@ -142,7 +142,7 @@ async def _demo_gateway(url: str, key: str | None) -> None:
                 if text:
                     pieces += 1
                     print(text, end="", flush=True)
-    print(f"\n   -> HTTP {response.status_code}, {pieces} streamed piece(s)")
+    print(f"\n   (gateway: HTTP {response.status_code}, {pieces} streamed piece(s))")
 
 
 async def _up(
