@@ -30,9 +30,11 @@ import faust
 import numpy as np
 
 from agents.policy.retrieval import candidate_features
+from infra.errors import Unauthorized
 from infra.protocols import SearchHit
 from infra.resources import Resources
-from streams.records import FeedbackRecord, LogRecord, ModelUpdateRecord, ReplyAddress
+from infra.settings import LimitsSettings
+from streams.records import FeedbackRecord, LogRecord, ModelUpdateRecord, ReplyAddress, authenticate
 from streams.topology import Topics
 
 from .guard import AckGate, Guard, mark
@@ -68,6 +70,7 @@ def decision_from_log(record: LogRecord, dim: int, large_tier: str) -> RecentDec
         example_ids=tuple(ref.example_id for ref in record.examples),
         example_features=features,
         utilities=tuple(ref.utility for ref in record.examples),
+        tenant=record.request.tenant,
     )
 
 
@@ -78,6 +81,44 @@ async def _await_decision(state: DecisionState, request_id: str) -> RecentDecisi
             break
         await asyncio.sleep(0.1)
         decision = state.recent.get(request_id)
+    return decision
+
+
+def feedback_refusal(
+    fb: FeedbackRecord, decision_tenant: str | None, limits: LimitsSettings
+) -> Unauthorized | None:
+    """Why a feedback record is refused, or None. With signed tenants (``limits.tenant_secrets``) it
+    must be signed by its tenant's secret; and it must come from the tenant of the request it rates
+    (``decision_tenant``; None = not joined yet, "" = a decision logged before tenants were kept)."""
+    try:
+        authenticate({**fb.signed_fields(), "signature": fb.signature}, fb.tenant, limits)
+    except Unauthorized as exc:
+        return exc
+    if decision_tenant and decision_tenant != fb.tenant:
+        return Unauthorized(
+            f"feedback from tenant {fb.tenant!r} rates a request of another tenant; only its own tenant may"
+        )
+    return None
+
+
+async def _joined(fb: FeedbackRecord, state: DecisionState, rejecter: Rejecter) -> RecentDecision | None:
+    """The decision ``fb`` rates, or None: refused feedback is dead-lettered (no error reply: it could
+    reach the rated request's own client), unjoined feedback counted."""
+    res = rejecter.res
+    refusal = feedback_refusal(fb, None, res.settings.limits)
+    decision = None if refusal is not None else await _await_decision(state, fb.request_id)
+    if decision is None and refusal is None:
+        res.metrics.feedback.labels("unjoined").inc()
+        return None
+    if refusal is None and decision is not None:
+        refusal = feedback_refusal(fb, decision.tenant, res.settings.limits)
+    if refusal is not None:
+        res.metrics.feedback.labels("refused").inc()
+        event = faust.current_event()
+        topic = res.settings.topic("feedback")
+        coords = Coordinates.of(event) if event is not None else Coordinates(topic, -1, -1, fb.tenant)
+        await rejecter.reject(coords, fb.dumps(), refusal, reply=False)
+        return None
     return decision
 
 
@@ -99,8 +140,8 @@ def _model_update(fb: FeedbackRecord, decision: RecentDecision, worker: str) -> 
 class _Learner:
     """The two handlers, one record each (run under the guard by ``register_learn``)."""
 
-    def __init__(self, topics: Topics, res: Resources, state: DecisionState) -> None:
-        self.topics, self.res, self.state = topics, res, state
+    def __init__(self, topics: Topics, res: Resources, state: DecisionState, rejecter: Rejecter) -> None:
+        self.topics, self.res, self.state, self.rejecter = topics, res, state, rejecter
 
     async def remember(self, record: LogRecord) -> None:
         mark("learn")
@@ -118,9 +159,8 @@ class _Learner:
         if self.state.has_rating(fb.request_id, fb.rater):
             metrics.feedback.labels("duplicate").inc()
             return
-        decision = await _await_decision(self.state, fb.request_id)
+        decision = await _joined(fb, self.state, self.rejecter)  # refused or unjoined: None, counted
         if decision is None:
-            metrics.feedback.labels("unjoined").inc()
             return
         update = _model_update(fb, decision, self.res.worker_id)
         fut = await self.topics.model_updates.send(key=fb.tenant, value=update)
@@ -129,8 +169,9 @@ class _Learner:
 
 
 def register_learn(app: faust.App, topics: Topics, res: Resources, state: DecisionState) -> None:
-    learner = _Learner(topics, res, state)
-    guard = Guard(res, Rejecter(app, topics, res))
+    rejecter = Rejecter(app, topics, res)
+    learner = _Learner(topics, res, state, rejecter)
+    guard = Guard(res, rejecter)
     log_gate, feedback_gate = AckGate(lambda: app.consumer), AckGate(lambda: app.consumer)
 
     @app.agent(topics.log, name="echolm.learn-log")

@@ -15,7 +15,7 @@ from typing import Any
 
 import faust
 
-from infra.errors import ServiceError, UnknownReplyTopic
+from infra.errors import ServiceError, Unauthorized, UnknownReplyTopic
 from infra.resources import Resources
 from streams.records import (
     DeadLetterRecord,
@@ -150,8 +150,13 @@ class Rejecter:
             )
         await fut
 
-    async def reject(self, coords: Coordinates, raw: bytes | str | None, exc: ServiceError) -> None:
-        """Dead-letter one bad record (and reply with the error if the record says where)."""
+    async def reject(
+        self, coords: Coordinates, raw: bytes | str | None, exc: ServiceError, *, reply: bool = True
+    ) -> None:
+        """Dead-letter one bad record (and reply with the error if the record says where, and ``reply``).
+
+        A record that cannot prove its tenant (``Unauthorized``) is answered on the shared reply topic
+        only, never on the private topic it names (it may name another tenant's)."""
         settings = self.res.settings
         address = self.address_of(raw)
         default = settings.topic("replies")
@@ -159,7 +164,7 @@ class Rejecter:
             address is not None
             and address.reply_topic != default
             and (
-                isinstance(exc, UnknownReplyTopic)
+                isinstance(exc, (UnknownReplyTopic, Unauthorized))
                 or not await self.res.topic_directory.exists(address.reply_topic)
             )
         ):
@@ -194,7 +199,7 @@ class Rejecter:
             at=time.time(),
         )
         fut = await self.topics.deadletter.send(key=letter.request_id or _key_text(coords.key), value=letter)
-        if address is not None:
+        if address is not None and reply:
             await self.error_reply(
                 request_id=address.request_id,
                 tenant=address.tenant,

@@ -21,6 +21,12 @@ Error policy (the decisions are ``agents.policy.dispatch.next_step``; this modul
       reached (``route``, ``generate`` or ``emit``), counted in ``echolm_handler_failures_total``; the
       actor goes on with the next record. Cancellation (shutdown) is not a failure: nothing is sent.
 
+Streaming (a request with ``stream``): the generation goes through the backend's stream and
+``ReplyChunkRecord``s go to the reply topic as tokens arrive (``Server._stream``); each attempt has
+its own ``attempt`` id, so a retry after a partial stream starts a new sequence and readers never
+show the abandoned attempt's text twice (``echolm.streaming``). The final reply and the log record
+are the same as for a request that does not stream.
+
 Every generation attempt is timed: ``echolm_stage_seconds{stage="generate"}`` observes each, the
 worker log has a line per attempt, and the log record lists them (``RouteInfo.generate_ms``).
 
@@ -41,7 +47,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import faust
@@ -67,7 +73,14 @@ from agents.policy.routing import (
     without_examples,
 )
 from infra.errors import BackendError, BackendTimeout, NoBackendAvailable, ServiceError
-from infra.protocols import Generation, QueueDepth
+from infra.protocols import (
+    ChatMessage,
+    Generation,
+    GenerationParams,
+    QueueDepth,
+    StreamChunk,
+    StreamingGenerator,
+)
 from infra.resources import Resources
 from streams.codecs import decode_vector
 from streams.records import (
@@ -75,6 +88,7 @@ from streams.records import (
     LogRecord,
     PreparedRecord,
     ReplyAddress,
+    ReplyChunkRecord,
     ReplyRecord,
     RequestRecord,
     RouteInfo,
@@ -141,6 +155,7 @@ class Server:
         self._inflight: dict[str, dict[int, float]] = {}
         self._tokens = itertools.count()
         self.idempotency = guard_for(app, res)  # step 0 and 3a (one guard per worker)
+        self._attempts = itertools.count()  # streamed generation attempts (ReplyChunkRecord.attempt)
 
     def pending(self, depths: Mapping[str, QueueDepth]) -> dict[str, float]:
         """Per backend: this worker's requests in flight there that its latest sample cannot count."""
@@ -288,9 +303,12 @@ class Server:
         self._inflight.setdefault(backend, {})[token] = time.monotonic()
         t = time.perf_counter()
         try:
-            generation = await asyncio.wait_for(
-                self.res.generators[backend].generate(messages, params), timeout=timeout
-            )
+            generator = self.res.generators[backend]
+            if run.request.stream and isinstance(generator, StreamingGenerator):
+                job = self._stream(run, generator, messages, params)
+            else:
+                job = generator.generate(messages, params)
+            generation = await asyncio.wait_for(job, timeout=timeout)
         except (TimeoutError, BackendError) as exc:
             err = (
                 exc
@@ -306,6 +324,73 @@ class Server:
             self._inflight[backend].pop(token, None)
         self._attempt_done(run, backend, time.perf_counter() - t, None)
         return generation
+
+    async def _stream(
+        self,
+        run: _Dispatch,
+        generator: StreamingGenerator,
+        messages: Sequence[ChatMessage],
+        params: GenerationParams,
+    ) -> Generation:
+        """One streamed generation: ``ReplyChunkRecord``s to the reply topic as tokens arrive, then the
+        whole ``Generation`` (the final reply is sent by ``_emit`` as for any request).
+
+        Text is batched by ``worker.stream_window_s``: the first token goes out at once, later ones
+        when a token arrives a window after the last chunk, and the rest at the end, so a request sends
+        at most one chunk per window. Chunk deliveries are not awaited one by one (the producer keeps
+        their order in the partition); they are awaited before the final reply is sent. A failed chunk
+        delivery is logged and counted, not retried: the final reply still carries the whole text.
+        """
+        request = run.request
+        topic = self.topics.reply_topic(self.app, request.reply_topic)
+        attempt = f"{self.res.worker_id}:{next(self._attempts)}"
+        window = self.res.settings.worker.stream_window_s
+        started = time.perf_counter()
+        pieces: list[str] = []
+        pending: list[str] = []
+        deliveries: list[Awaitable[object]] = []
+        last_flush = float("-inf")
+        final = StreamChunk(text="")
+
+        async def flush() -> None:
+            nonlocal last_flush
+            if not pending:
+                return
+            chunk = ReplyChunkRecord(
+                request_id=request.request_id,
+                tenant=request.tenant,
+                attempt=attempt,
+                seq=len(deliveries),
+                text="".join(pending),
+                sent_at=time.time(),
+            )
+            pending.clear()
+            deliveries.append(await topic.send(key=request.request_id, value=chunk))
+            last_flush = time.monotonic()
+
+        try:
+            async for piece in generator.generate_stream(messages, params):
+                if piece.finish_reason:
+                    final = piece
+                if piece.text:
+                    pieces.append(piece.text)
+                    pending.append(piece.text)
+                    if time.monotonic() - last_flush >= window:
+                        await flush()
+            await flush()
+        finally:
+            for outcome in await asyncio.gather(*deliveries, return_exceptions=True):
+                if isinstance(outcome, BaseException):
+                    self.res.metrics.backend_errors.labels(generator.name, "chunk_not_delivered").inc()
+                    log.warning("a reply chunk of %s was not delivered: %s", request.request_id, outcome)
+        return Generation(
+            text="".join(pieces),
+            backend=generator.name,
+            generated_tokens=final.generated_tokens,
+            prompt_tokens=final.prompt_tokens,
+            latency_s=time.perf_counter() - started,
+            finish_reason=final.finish_reason,
+        )
 
     def _attempt_done(self, run: _Dispatch, backend: str, seconds: float, err: BackendError | None) -> None:
         """Time one attempt (metrics, the worker log, the log record) and tell the backend's circuit."""
@@ -380,6 +465,9 @@ class Server:
             n_examples=len(used),
             timings_ms=timings,
             worker=self.res.worker_id,
+            prompt_tokens=generation.prompt_tokens,
+            completion_tokens=generation.generated_tokens,
+            finish_reason=generation.finish_reason,
         )
         await self.idempotency.record(self.topics, request.reply_topic, reply)  # 3a.
         reply_topic = self.topics.reply_topic(self.app, request.reply_topic)

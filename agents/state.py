@@ -45,6 +45,7 @@ class RecentDecision:
     example_ids: tuple[str, ...]
     example_features: tuple[np.ndarray, ...]
     utilities: tuple[float, ...] = ()
+    tenant: str = ""  # the request's tenant: feedback is accepted from it only
 
 
 class ReplayQueue:

@@ -1,7 +1,7 @@
 """The ``echolm`` command. Every subcommand has ``--help``; settings come from ``ECHOLM_*`` env vars
 and an optional TOML file (``ECHOLM_CONFIG`` or ./echolm.toml), see README's configuration table.
 
-    echolm up [--demo]             local stack (broker, Milvus, 2 dev TGI backends) + workers
+    echolm up [--demo]             local stack (broker, Milvus, 2 dev TGI backends) + workers + gateway
     echolm worker                  one worker process (what docker-compose runs)
     echolm ask "question"          one request, print the reply
     echolm send FILE.jsonl         many requests, replies as JSONL, with a progress bar
@@ -63,6 +63,7 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
         exit_after_demo=args.exit_after_demo,
         workers=args.workers,
         milvus=args.milvus,
+        gateway=not args.no_gateway,
     )
 
 
@@ -274,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--milvus", choices=["server", "lite"], default=None, help="embedded server or Milvus Lite"
     )
+    p.add_argument("--no-gateway", action="store_true", help="do not start the OpenAI-compatible gateway")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("worker", help="run one worker process against the configured cluster")

@@ -31,7 +31,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,10 +42,13 @@ from aiokafka.errors import KafkaError
 from infra.errors import ClientTimeout
 from infra.kafka import kafka_client_kwargs, kafka_consumer_kwargs
 from infra.settings import Settings
+from infra.signing import sign
+from streams.records import feedback_fields
 
 from .pending import Outcome, ReplyTracker
+from .streaming import StreamAssembler
 
-__all__ = ["EchoClient", "Reply"]
+__all__ = ["Delta", "EchoClient", "Reply"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,9 @@ class Reply:
     timings_ms: dict[str, float] = field(default_factory=dict)
     worker: str = ""
     latency_s: float = 0.0  # send -> reply, measured by this client
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = ""  # stop | length; "" on error replies
 
     @classmethod
     def from_wire(cls, data: dict[str, Any], latency_s: float) -> Reply:
@@ -81,7 +87,19 @@ class Reply:
             timings_ms=dict(data.get("timings_ms") or {}),
             worker=str(data.get("worker", "")),
             latency_s=latency_s,
+            prompt_tokens=int(data.get("prompt_tokens") or 0),
+            completion_tokens=int(data.get("completion_tokens") or 0),
+            finish_reason=str(data.get("finish_reason") or ""),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """A piece of a streamed reply (``EchoClient.stream``). The last one carries the final ``reply``
+    (its ``text`` is the part of the reply not streamed before); the ones before it have none."""
+
+    text: str
+    reply: Reply | None = None
 
 
 class EchoClient:
@@ -110,6 +128,8 @@ class EchoClient:
             adopt_unknown=self.group_id is not None,
         )
         self._stream: asyncio.Queue[Reply] = asyncio.Queue()
+        # request id -> what ``stream()`` waits on: chunk records (dicts) and then the final Reply
+        self._streams: dict[str, asyncio.Queue[dict[str, Any] | Reply]] = {}
         self.commit_failures = 0
         self._closed = False
 
@@ -174,12 +194,20 @@ class EchoClient:
         request_id = data.get("request_id") if isinstance(data, dict) else None
         if not isinstance(request_id, str):
             return
+        if data.get("kind") == "chunk":  # a piece of a streaming reply: never resolves the request
+            queue = self._streams.get(request_id)
+            if queue is not None:
+                queue.put_nowait(data)
+            return
         resolution = self._tracker.resolve(request_id, now=time.monotonic())
         if resolution.outcome is not Outcome.DELIVER:
             return
         reply = Reply.from_wire(data, resolution.latency_s)
+        streaming = self._streams.get(request_id)
         future = self._pending.pop(request_id, None)
-        if future is not None and not future.done():
+        if streaming is not None:
+            streaming.put_nowait(reply)
+        elif future is not None and not future.done():
             future.set_result(reply)
         else:
             self._stream.put_nowait(reply)
@@ -197,6 +225,12 @@ class EchoClient:
         except KafkaError as exc:  # the next batch commits again; a restart may re-read a few replies
             self.commit_failures += 1
             log.warning("committing the reply topic position failed: %s", exc)
+
+    def _sign(self, body: dict[str, Any], tenant: str) -> None:
+        """Sign ``body`` for ``tenant`` when tenants are signed and this client holds its secret."""
+        secret = self.settings.limits.tenant_secret(tenant)
+        if secret is not None:
+            body["signature"] = sign(body, secret)
 
     async def send(
         self,
@@ -227,6 +261,7 @@ class EchoClient:
             body["no_store"] = True
         if deadline_s is not None:
             body["deadline_s"] = deadline_s
+        self._sign(body, tenant)
         now = time.monotonic()
         self._expire_due()
         if expires_in_s is None:
@@ -260,6 +295,70 @@ class EchoClient:
             self._pending.pop(request_id, None)
             self._tracker.abandon(request_id)
 
+    async def stream(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[Mapping[str, str]] | None = None,
+        tenant: str = "default",
+        timeout: float = 60.0,
+        request_id: str | None = None,
+        max_tokens: int | None = None,
+        raw: bytes | None = None,
+    ) -> AsyncGenerator[Delta, None]:
+        """Send one streaming request and yield its reply as it is generated: ``Delta`` pieces, the
+        last with the final ``Reply`` (check ``reply.ok``). ``messages`` (chat turns) or ``prompt``
+        (one user turn); ``raw`` sends those bytes as the whole v2 record (the gateway does).
+
+        Text of an abandoned attempt is never shown twice (``echolm.streaming``); a retry that
+        disagrees with what was shown raises ``StreamDiverged``. ``ClientTimeout`` after ``timeout``.
+        """
+        request_id = request_id or uuid.uuid4().hex
+        if raw is None:
+            turns = list(messages) if messages is not None else [{"role": "user", "content": prompt or ""}]
+            body: dict[str, Any] = {
+                "version": 2,
+                "request_id": request_id,
+                "tenant": tenant,
+                "messages": [dict(t) for t in turns],
+                "stream": True,
+                "deadline_s": timeout,
+            }
+            if max_tokens is not None:
+                body["max_tokens"] = max_tokens
+            if self.reply_topic != self.settings.topic("replies"):
+                body["reply_topic"] = self.reply_topic
+            self._sign(body, tenant)
+            raw = orjson.dumps(body)
+        queue: asyncio.Queue[dict[str, Any] | Reply] = asyncio.Queue()
+        self._streams[request_id] = queue
+        assembler = StreamAssembler()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            await self.send(prompt or "", tenant=tenant, request_id=request_id, expires_in_s=timeout, raw=raw)
+            while True:
+                try:
+                    item = await asyncio.wait_for(queue.get(), max(0.0, deadline - loop.time()))
+                except TimeoutError as exc:
+                    raise ClientTimeout(
+                        f"the streamed reply to request {request_id} did not finish within {timeout}s"
+                    ) from exc
+                if isinstance(item, Reply):
+                    rest = assembler.final(item.text) if item.ok else ""
+                    yield Delta(rest, item)
+                    return
+                if item.get("tenant") != tenant:  # never show one tenant's text to another
+                    continue
+                text = assembler.chunk(
+                    str(item.get("attempt", "")), int(item.get("seq", 0)), str(item.get("text", ""))
+                )
+                if text:
+                    yield Delta(text)
+        finally:
+            self._streams.pop(request_id, None)
+            self._tracker.abandon(request_id)
+
     async def feedback(
         self, request_id: str, score: float, *, tenant: str = "default", rater: str = ""
     ) -> None:
@@ -267,14 +366,11 @@ class EchoClient:
         (``request_id``, ``rater``) is applied; sending it again changes nothing."""
         if self._producer is None:
             raise RuntimeError("EchoClient is not started")
-        value = {
-            "request_id": request_id,
-            "tenant": tenant,
-            "score": float(score),
-            "rater": rater,
-            "at": time.time(),
-            "__faust": {"ns": "echolm.Feedback.v1"},
-        }
+        value: dict[str, Any] = feedback_fields(
+            request_id=request_id, tenant=tenant, score=score, rater=rater, at=time.time()
+        )
+        self._sign(value, tenant)
+        value["__faust"] = {"ns": "echolm.Feedback.v1"}
         await self._producer.send_and_wait(self.feedback_topic, orjson.dumps(value), key=tenant.encode())
 
     async def replies(self, *, timeout: float | None = None) -> AsyncIterator[Reply]:
@@ -307,7 +403,12 @@ class EchoClient:
 
     def sizes(self) -> dict[str, int]:
         """Entries held by each of the client's structures (tests assert they stay bounded)."""
-        return {**self._tracker.sizes(), "waiters": len(self._pending), "unread": self._stream.qsize()}
+        return {
+            **self._tracker.sizes(),
+            "waiters": len(self._pending),
+            "unread": self._stream.qsize(),
+            "streams": len(self._streams),
+        }
 
     async def aclose(self) -> None:
         if self._closed:

@@ -12,6 +12,11 @@ with the workers' own validator (400), 5. produce a v2 request with a fresh requ
 its reply up to ``gateway.timeout_s`` (the request's deadline too; 504 past it), 6. answer in
 OpenAI's shape, with ``x-request-id``. Errors use OpenAI's error body (``gateway_protocol``).
 
+``stream: true``: the request streams through Kafka (``EchoClient.stream``), and each piece is relayed
+as an SSE chunk as it arrives. The HTTP status waits for the first piece, so an error reply that comes
+before any text is still a proper status; a failure after text was sent (a retry that diverged, the
+deadline) ends the stream with an OpenAI error event (``data: {"error": ...}``), which the SDK raises.
+
 The tenant is the key's, never the body's: a client cannot name another tenant, and reply topics
 are the gateway's own (a client cannot choose one).
 """
@@ -22,7 +27,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -36,15 +41,15 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from infra.auth import KeyRing, RateLimiter
-from infra.errors import ClientTimeout
+from infra.errors import ClientTimeout, StreamDiverged
 from infra.settings import Settings
 
-from .client import Reply
+from .client import Delta, Reply
 from .gateway_protocol import (
+    ChunkMaker,
     GatewayError,
     chat_request_body,
     completion,
-    completion_chunks,
     model_list,
     reply_error,
     sse_event,
@@ -56,9 +61,19 @@ log = logging.getLogger(__name__)
 
 
 class Relay(Protocol):
-    """What the gateway needs of ``EchoClient``: its public ``ask``."""
+    """What the gateway needs of ``EchoClient``: its public ``ask`` and ``stream``."""
 
     async def ask(self, prompt: str, *, tenant: str = ..., timeout: float = ..., **kw: Any) -> Reply: ...
+
+    def stream(
+        self,
+        prompt: str | None = ...,
+        *,
+        tenant: str = ...,
+        timeout: float = ...,
+        request_id: str | None = ...,
+        raw: bytes | None = ...,
+    ) -> AsyncGenerator[Delta, None]: ...
 
 
 class GatewayMetrics:
@@ -142,32 +157,105 @@ async def _read_json(request: Request, max_bytes: int) -> Any:
         raise GatewayError(400, f"the body is not valid JSON ({exc})", code="invalid_json") from exc
 
 
-async def _relay(state: _State, body: dict[str, Any], wait_s: float) -> Reply:
+def _relay_error(exc: BaseException, wait_s: float) -> GatewayError:
+    if isinstance(exc, ClientTimeout):
+        return GatewayError(
+            504,
+            f"no reply within {wait_s:g}s (gateway.timeout_s); the pipeline may be overloaded",
+            type="timeout",
+        )
+    if isinstance(exc, StreamDiverged):
+        return GatewayError(502, str(exc), type="upstream_error", code=exc.code)
+    return GatewayError(
+        503,
+        f"the Kafka broker is unavailable ({type(exc).__name__}); retry later",
+        type="service_unavailable",
+        code="broker_unavailable",
+    )
+
+
+def _connected(state: _State) -> Relay:
     if state.relay is None:
         raise GatewayError(503, "the gateway is not connected to Kafka yet", type="service_unavailable")
+    return state.relay
+
+
+async def _relay(state: _State, body: dict[str, Any], wait_s: float) -> Reply:
+    relay = _connected(state)
     messages = body["messages"]
     try:
         # ``raw`` carries the whole v2 record; the prompt argument only fills the client's bookkeeping.
-        return await state.relay.ask(
+        return await relay.ask(
             messages[-1]["content"],
             tenant=body["tenant"],
             timeout=wait_s,
             request_id=body["request_id"],
             raw=orjson.dumps(body),
         )
-    except ClientTimeout as exc:
-        raise GatewayError(
-            504,
-            f"no reply within {wait_s:g}s (gateway.timeout_s); the pipeline may be overloaded",
-            type="timeout",
-        ) from exc
-    except KafkaError as exc:
-        raise GatewayError(
-            503,
-            f"the Kafka broker is unavailable ({type(exc).__name__}); retry later",
-            type="service_unavailable",
-            code="broker_unavailable",
-        ) from exc
+    except (ClientTimeout, KafkaError) as exc:
+        raise _relay_error(exc, wait_s) from exc
+
+
+async def _events(
+    first: Delta,
+    deltas: AsyncGenerator[Delta, None],
+    make: ChunkMaker,
+    tenant: str,
+    wait_s: float,
+    *,
+    include_usage: bool,
+    done: Callable[[], None],
+) -> AsyncIterator[bytes]:
+    """The SSE body: the role, each piece as it arrives, the finish (and usage), then ``[DONE]``; a
+    failure after the status was sent is an OpenAI error event."""
+    try:
+        yield sse_event(make.role())
+        delta: Delta | None = first
+        while delta is not None:
+            if delta.text:
+                yield sse_event(make.content(delta.text))
+            if delta.reply is not None:
+                _check_reply(delta.reply, tenant)
+                for chunk in make.finish(delta.reply, include_usage=include_usage):
+                    yield sse_event(chunk)
+                break
+            delta = await anext(deltas, None)
+        yield sse_event("[DONE]")
+    except GatewayError as err:
+        yield sse_event(err.body())
+    except (ClientTimeout, KafkaError, StreamDiverged) as exc:
+        yield sse_event(_relay_error(exc, wait_s).body())
+    finally:
+        await deltas.aclose()
+        done()
+
+
+async def _stream(
+    state: _State,
+    body: dict[str, Any],
+    model: str,
+    wait_s: float,
+    *,
+    include_usage: bool,
+    done: Callable[[], None],
+) -> StreamingResponse:
+    """The SSE response of a streaming request; ``done`` is called once the stream has ended."""
+    relay = _connected(state)
+    tenant, request_id = body["tenant"], body["request_id"]
+    deltas = relay.stream(None, tenant=tenant, timeout=wait_s, request_id=request_id, raw=orjson.dumps(body))
+    try:
+        first = await anext(deltas)
+        if first.reply is not None:
+            _check_reply(first.reply, tenant)
+    except (ClientTimeout, KafkaError, StreamDiverged) as exc:
+        await deltas.aclose()
+        raise _relay_error(exc, wait_s) from exc
+    except BaseException:
+        await deltas.aclose()
+        raise
+    make = ChunkMaker(request_id=request_id, model=model)
+    events = _events(first, deltas, make, tenant, wait_s, include_usage=include_usage, done=done)
+    return StreamingResponse(events, media_type="text/event-stream", headers={"x-request-id": request_id})
 
 
 def _check_capacity(state: _State) -> None:
@@ -195,6 +283,16 @@ async def _chat(state: _State, request: Request, request_id: str) -> Response:
     _check_capacity(state)
     state.inflight += 1
     state.metrics.inflight.inc()
+    ended = False
+
+    def done() -> None:  # once per request: here, or when a stream it handed over has ended
+        nonlocal ended
+        if not ended:
+            ended = True
+            state.inflight -= 1
+            state.metrics.inflight.dec()
+
+    handed_over = False
     try:
         payload = await _read_json(request, state.settings.gateway.max_body_bytes)
         wait_s = state.settings.gateway.timeout_s
@@ -206,22 +304,18 @@ async def _chat(state: _State, request: Request, request_id: str) -> Response:
             deadline_s=wait_s,
             models=state.tiers,
         )
+        if body.get("stream"):
+            options = payload.get("stream_options") or {}
+            include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+            response = await _stream(state, body, model, wait_s, include_usage=include_usage, done=done)
+            handed_over = True
+            return response
         reply = await _relay(state, body, wait_s)
     finally:
-        state.inflight -= 1
-        state.metrics.inflight.dec()
+        if not handed_over:
+            done()
     _check_reply(reply, tenant)
-    headers = {"x-request-id": request_id}
-    if body.get("stream"):
-        # TODO(wave 2): relay serve's token chunks from Kafka as they come; wave 1 sends the whole
-        # reply as one content chunk after the generation finished, then [DONE].
-        async def events() -> AsyncIterator[bytes]:
-            for chunk in completion_chunks(reply, model=model):
-                yield sse_event(chunk)
-            yield sse_event("[DONE]")
-
-        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
-    return JSONResponse(completion(reply, model=model), headers=headers)
+    return JSONResponse(completion(reply, model=model), headers={"x-request-id": request_id})
 
 
 async def chat_completions(request: Request) -> Response:

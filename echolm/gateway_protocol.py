@@ -3,7 +3,10 @@
 * ``chat_request_body``: an OpenAI request body -> our v2 request record (``streams.records``),
   validated by the same ``validate_request`` the workers use, so a bad request is a 400 here rather
   than an error reply after a round trip through Kafka.
-* ``completion`` / ``completion_chunks``: a reply -> OpenAI's response object, or its SSE chunks.
+* ``completion``: a reply -> OpenAI's ``chat.completion`` object (with ``usage`` and the backend's
+  ``finish_reason``); ``ChunkMaker``: the ``chat.completion.chunk`` objects of a streamed reply, built
+  as its pieces arrive (the role, each text delta, the finish, and ``usage`` when the request asked
+  with ``stream_options.include_usage``).
 * ``GatewayError`` and ``reply_error``: every failure in OpenAI's error shape
   (``{"error": {"message", "type", "param", "code"}}``) with its HTTP status.
 """
@@ -19,19 +22,21 @@ import orjson
 
 from infra.errors import BadInput
 from infra.settings import Settings
+from infra.signing import sign
 from streams.records import validate_request
 
 from .client import Reply
 
 __all__ = [
     "AUTO_MODEL",
+    "ChunkMaker",
     "GatewayError",
     "chat_request_body",
     "completion",
-    "completion_chunks",
     "model_list",
     "reply_error",
     "sse_event",
+    "usage",
 ]
 
 AUTO_MODEL = "echolm-auto"
@@ -49,7 +54,7 @@ _HARMLESS_DEFAULTS: Mapping[str, tuple[Any, ...]] = {
     "service_tier": (None, "auto", "default"),
     "store": (None, False),
 }
-_IGNORED = frozenset({"user", "metadata", "stream_options"})
+_IGNORED = frozenset({"user", "metadata", "stream_options"})  # stream_options is read by the gateway
 _OURS = frozenset(
     {
         "model",
@@ -195,6 +200,15 @@ def chat_request_body(
     if "max_tokens" in payload and "max_completion_tokens" in payload:
         raise bad_request("send max_tokens or max_completion_tokens, not both", param="max_tokens")
     body = _request_body(payload, request_id=request_id, tenant=tenant, deadline_s=deadline_s)
+    if settings.limits.tenant_secrets:  # signed tenants: the gateway signs for the key's tenant
+        secret = settings.limits.tenant_secret(tenant)
+        if secret is None:
+            raise GatewayError(
+                403,
+                f"tenant {tenant!r} has no signing secret (limits.tenant_secrets)",
+                type="permission_error",
+            )
+        body["signature"] = sign(body, secret)
     try:
         validate_request(body, default_reply_topic=settings.topic("replies"), limits=settings.limits)
     except BadInput as exc:
@@ -232,6 +246,21 @@ def _extras(reply: Reply) -> dict[str, Any]:
     }
 
 
+def _finish_reason(reply: Reply) -> str:
+    """OpenAI's finish reasons are stop and length (TGI's ``eos_token`` and ``stop_sequence`` are stop)."""
+    return "length" if reply.finish_reason == "length" else "stop"
+
+
+def usage(reply: Reply) -> dict[str, int]:
+    """OpenAI's ``usage`` from the backend's token counts (0 when the backend did not report them)."""
+    prompt, completion_tokens = reply.prompt_tokens, reply.completion_tokens
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt + completion_tokens,
+    }
+
+
 def completion(reply: Reply, *, model: str, created: int | None = None) -> dict[str, Any]:
     """OpenAI's ``chat.completion`` object for a successful reply (``echolm`` holds the routing facts)."""
     return {
@@ -240,32 +269,48 @@ def completion(reply: Reply, *, model: str, created: int | None = None) -> dict[
         "created": int(time.time()) if created is None else created,
         "model": model,
         "system_fingerprint": None,
-        # TODO(wave 2): finish_reason "length" and usage need the final record to carry them.
         "choices": [
             {
                 "index": 0,
                 "message": {"role": "assistant", "content": reply.text},
-                "finish_reason": "stop",
+                "finish_reason": _finish_reason(reply),
                 "logprobs": None,
             }
         ],
+        "usage": usage(reply),
         "echolm": _extras(reply),
     }
 
 
-def completion_chunks(reply: Reply, *, model: str, created: int | None = None) -> Iterator[dict[str, Any]]:
-    """``chat.completion.chunk`` objects: the role, the text, then the finish. Wave 1 sends the whole
-    reply as one text chunk; wave 2 feeds the token chunks relayed from Kafka through the same shape."""
-    created = int(time.time()) if created is None else created
-    base = {"id": f"chatcmpl-{reply.request_id}", "object": "chat.completion.chunk", "created": created}
-    base |= {"model": model, "system_fingerprint": None}
+@dataclass(frozen=True)
+class ChunkMaker:
+    """The ``chat.completion.chunk`` objects of one streamed reply, made as its pieces arrive."""
 
-    def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
-        return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+    request_id: str
+    model: str
+    created: int = field(default_factory=lambda: int(time.time()))
 
-    yield chunk({"role": "assistant", "content": ""}, None)
-    yield chunk({"content": reply.text}, None)
-    yield {**chunk({}, "stop"), "echolm": _extras(reply)}
+    def _chunk(self, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+        return {
+            "id": f"chatcmpl-{self.request_id}",
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": None,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+        }
+
+    def role(self) -> dict[str, Any]:
+        return self._chunk({"role": "assistant", "content": ""}, None)
+
+    def content(self, text: str) -> dict[str, Any]:
+        return self._chunk({"content": text}, None)
+
+    def finish(self, reply: Reply, *, include_usage: bool) -> Iterator[dict[str, Any]]:
+        """The finish chunk (with the routing facts), then OpenAI's usage-only chunk if asked for."""
+        yield {**self._chunk({}, _finish_reason(reply)), "echolm": _extras(reply)}
+        if include_usage:
+            yield {**self._chunk({}, None), "choices": [], "usage": usage(reply)}
 
 
 def sse_event(data: dict[str, Any] | str) -> bytes:

@@ -17,7 +17,7 @@ from infra.settings import Settings
 
 from .cli_errors import CliFailure
 
-__all__ = ["bind", "run", "run_gateway"]
+__all__ = ["bind", "curl_example", "run", "run_gateway"]
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -41,6 +41,15 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def curl_example(url: str, key: str = "$ECHOLM_KEY") -> str:
+    """A curl line that asks the gateway at ``url`` (``http://host:port/v1``) one question."""
+    return (
+        f"curl {url}/chat/completions -H 'Authorization: Bearer {key}' "
+        """-H 'Content-Type: application/json' -d '{"model": "echolm-auto", """
+        """"messages": [{"role": "user", "content": "Hello"}]}'"""
+    )
+
+
 async def run_gateway(settings: Settings) -> int:
     import uvicorn
 
@@ -59,13 +68,7 @@ async def run_gateway(settings: Settings) -> int:
         host, port = sock.getsockname()[:2]
         url = f"http://{host}:{port}/v1"
         print(f"[echolm gateway] OpenAI-compatible API at {url}", file=sys.stderr, flush=True)
-        print(
-            f"  curl {url}/chat/completions -H 'Authorization: Bearer $ECHOLM_KEY' "
-            """-H 'Content-Type: application/json' -d '{"model": "echolm-auto", """
-            """"messages": [{"role": "user", "content": "Hello"}]}'""",
-            file=sys.stderr,
-            flush=True,
-        )
+        print(f"  {curl_example(url)}", file=sys.stderr, flush=True)
         config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=10)
         server = uvicorn.Server(config)
         await server.serve(sockets=[sock])

@@ -42,6 +42,8 @@ __all__ = [
     "NoBackendAvailable",
     "SchemaError",
     "ServiceError",
+    "StreamDiverged",
+    "Unauthorized",
     "UnknownReplyTopic",
     "UnknownTenant",
 ]
@@ -78,6 +80,12 @@ class ForbiddenReplyTopic(BadInput):
 
 class UnknownReplyTopic(BadInput):
     code = "unknown_reply_topic"
+
+
+class Unauthorized(BadInput):
+    """A record that cannot prove its tenant: unsigned, or signed with another secret (infra/signing.py)."""
+
+    code = "unauthorized"
 
 
 class BackendError(ServiceError):
@@ -122,3 +130,9 @@ class ClientTimeout(ServiceError):
 
 class ClientOverloaded(ServiceError):
     code = "client_overloaded"
+
+
+class StreamDiverged(ServiceError):
+    """A retried generation's text disagrees with what a stream already showed (echolm/streaming.py)."""
+
+    code = "stream_diverged"

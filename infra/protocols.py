@@ -7,7 +7,7 @@ same behaviour. Values here are frozen dataclasses with no I/O.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
@@ -27,6 +27,8 @@ __all__ = [
     "QueueDepth",
     "QueueDepthProbe",
     "SearchHit",
+    "StreamChunk",
+    "StreamingGenerator",
     "VectorStore",
     "rows_by_tenant",
 ]
@@ -76,6 +78,7 @@ class GenerationParams:
     temperature: float | None = None  # None = greedy
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    top_p: float | None = None  # None = the backend's default (no nucleus truncation)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +89,16 @@ class Generation:
     prompt_tokens: int = 0
     latency_s: float = 0.0
     finish_reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamChunk:
+    """One streamed delta; the last chunk has ``finish_reason`` (and the token counts when known)."""
+
+    text: str
+    finish_reason: str = ""
+    generated_tokens: int = 0
+    prompt_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +217,16 @@ class Generator(Protocol):
     async def info(self) -> BackendInfo: ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class StreamingGenerator(Generator, Protocol):
+    """A ``Generator`` that can also stream: the same generation as ordered ``StreamChunk`` deltas,
+    the last one with ``finish_reason`` and the token counts. Failures raise ``BackendError``."""
+
+    def generate_stream(
+        self, messages: Sequence[ChatMessage], params: GenerationParams
+    ) -> AsyncIterator[StreamChunk]: ...
 
 
 @runtime_checkable

@@ -43,6 +43,7 @@ __all__ = [
     "SelectionSettings",
     "Settings",
     "TGISettings",
+    "TenantSecretSettings",
     "WorkerSettings",
     "child_env",
     "load_settings",
@@ -298,6 +299,13 @@ class ReplaySettings(_Section):
     )
 
 
+class TenantSecretSettings(_Section):
+    """One tenant's signing secret for the Kafka path (infra/signing.py)."""
+
+    tenant: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Tenant the secret signs for.")
+    secret: SecretStr = Field(description="HMAC-SHA256 key; at least 16 characters.", min_length=16)
+
+
 class LimitsSettings(_Section):
     max_prompt_chars: int = Field(8000, ge=1, description="Longer prompts are rejected.")
     max_new_tokens: int = Field(512, ge=1, description="Largest max_new_tokens a request may ask for.")
@@ -310,6 +318,20 @@ class LimitsSettings(_Section):
     )
     tenants: list[str] | None = Field(None, description="Known tenants; None accepts any well-formed id.")
     tenant_pattern: str = Field(r"^[A-Za-z0-9_-]{1,64}$", description="Well-formed tenant ids.")
+    tenant_secrets: list[TenantSecretSettings] = Field(
+        default_factory=list,
+        description="Per-tenant signing secrets (JSON list). Non-empty: every request and feedback "
+        "record must be signed by its tenant's secret, private reply topics are bound to the tenant "
+        "(docs/reliability.md). Empty: trusted single-tenant mode, tenants are not authenticated.",
+    )
+
+    def tenant_secret(self, tenant: str) -> str | None:
+        """The tenant's secret, or None when it has none."""
+        for entry in self.tenant_secrets:
+            if entry.tenant == tenant:
+                return entry.secret.get_secret_value()
+        return None
+
     default_deadline_s: float = Field(120.0, gt=0, description="Deadline of a request that names none.")
 
 
@@ -339,6 +361,12 @@ class WorkerSettings(_Section):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Worker log level.")
     role: Literal["all", "serve", "background"] = Field(
         "all", description="serve = prepare+serve; background = admit, learn, replay, maintenance."
+    )
+    stream_window_s: float = Field(
+        0.05,
+        ge=0,
+        le=5,
+        description="A streaming request's tokens are sent as reply chunks at most once per window.",
     )
     liveness_tick_s: float = Field(
         1.0, gt=0, description="How often the event loop stamps its liveness tick."

@@ -29,7 +29,6 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
 from typing import Any, cast
 
@@ -45,7 +44,7 @@ from infra.errors import (
     BackendTimeout,
     BackendUnavailable,
 )
-from infra.protocols import BackendInfo, ChatMessage, Generation, GenerationParams, QueueDepth
+from infra.protocols import BackendInfo, ChatMessage, Generation, GenerationParams, QueueDepth, StreamChunk
 from infra.settings import BackendSettings, TGISettings
 
 __all__ = [
@@ -152,16 +151,6 @@ def backend_error(
 
 
 # --------------------------------------------------------------------------------- generation
-@dataclass(frozen=True, slots=True)
-class StreamChunk:
-    """One streamed delta; the last chunk has ``finish_reason`` (and the token counts when known)."""
-
-    text: str
-    finish_reason: str = ""
-    generated_tokens: int = 0
-    prompt_tokens: int = 0
-
-
 class _SharedSessionInferenceClient(AsyncInferenceClient):
     """``AsyncInferenceClient`` on our own ``httpx.AsyncClient``.
 
@@ -255,6 +244,7 @@ class TGIGenerator:
                     max_tokens=params.max_new_tokens,
                     temperature=0.0 if params.temperature is None else params.temperature,
                     seed=params.seed,
+                    top_p=params.top_p,
                     stop=list(params.stop) or None,
                 )
             choice = output.choices[0]
@@ -288,6 +278,7 @@ class TGIGenerator:
                 max_tokens=params.max_new_tokens,
                 temperature=0.0 if params.temperature is None else params.temperature,
                 seed=params.seed,
+                top_p=params.top_p,
                 stop=list(params.stop) or None,
                 stream=True,
                 stream_options=ChatCompletionInputStreamOptions(include_usage=True),

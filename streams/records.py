@@ -34,9 +34,17 @@ from typing import Any
 import faust
 import orjson
 
-from infra.errors import DecodeError, ForbiddenReplyTopic, LimitExceeded, SchemaError, UnknownTenant
+from infra.errors import (
+    DecodeError,
+    ForbiddenReplyTopic,
+    LimitExceeded,
+    SchemaError,
+    Unauthorized,
+    UnknownTenant,
+)
 from infra.protocols import ChatMessage, Example, GenerationParams, Vector
 from infra.settings import LimitsSettings
+from infra.signing import SIGNATURE_FIELD, verify
 from streams.conversation import retrieval_key
 
 from .codecs import ORJSON_CODEC
@@ -54,9 +62,12 @@ __all__ = [
     "LogRecord",
     "ModelUpdateRecord",
     "PreparedRecord",
+    "ReplyChunkRecord",
     "ReplyRecord",
     "RequestRecord",
     "RouteInfo",
+    "authenticate",
+    "feedback_fields",
     "parse_request",
     "reply_address",
     "reply_topic_allowed",
@@ -83,6 +94,7 @@ _REQUEST_FIELDS = frozenset(
         "deadline_s",
         "created_at",
         "metadata",
+        SIGNATURE_FIELD,
     }
 )
 # v2 replaces prompt/max_new_tokens by messages/max_tokens and adds OpenAI's sampling fields.
@@ -122,13 +134,16 @@ class RequestRecord(faust.Record, namespace="echolm.Request.v1", serializer=ORJS
         return self.chat_messages() if self.messages else []
 
     def generation_params(self) -> GenerationParams:
-        """Sampling for the backend. Temperature 0 means greedy (TGI wants a positive temperature).
-
-        TODO(wave 2): ``top_p`` is carried but GenerationParams has no field for it yet.
-        """
+        """Sampling for the backend. Temperature 0 means greedy (TGI wants a positive temperature);
+        ``top_p`` 1 is no truncation, sent as None (TGI refuses top_p=1.0)."""
         temperature = self.temperature if self.temperature else None
+        top_p = self.top_p if self.top_p is not None and self.top_p < 1.0 else None
         return GenerationParams(
-            max_new_tokens=self.max_new_tokens, temperature=temperature, seed=self.seed, stop=tuple(self.stop)
+            max_new_tokens=self.max_new_tokens,
+            temperature=temperature,
+            seed=self.seed,
+            stop=tuple(self.stop),
+            top_p=top_p,
         )
 
     def chat_messages(self) -> list[ChatMessage]:
@@ -218,6 +233,30 @@ class ReplyRecord(faust.Record, namespace="echolm.Reply.v1", serializer=ORJSON_C
     timings_ms: dict[str, float] = {}  # noqa: RUF012
     worker: str = ""
     version: int = SCHEMA_VERSION
+    # the generation's facts (0 / "" on error replies and on records written before these fields)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = ""  # stop | length (the backend's)
+    kind: str = "reply"  # what a reader of a reply topic tells apart from ReplyChunkRecord's "chunk"
+
+
+class ReplyChunkRecord(faust.Record, namespace="echolm.ReplyChunk.v1", serializer=ORJSON_CODEC):
+    """A piece of a streaming request's reply, sent to its reply topic (keyed by request id, so in
+    order) while the backend generates; the ``ReplyRecord`` that follows still holds the whole text.
+
+    ``attempt`` names one generation attempt (worker id and a counter), unique across retries and
+    re-processing; ``seq`` numbers the chunks of that attempt from 0. Readers assemble per attempt in
+    ``seq`` order and show only text that the newest attempt agrees with (``echolm.streaming``).
+    """
+
+    request_id: str
+    tenant: str
+    attempt: str
+    seq: int
+    text: str
+    sent_at: float = 0.0  # unix seconds at the worker
+    kind: str = "chunk"
+    version: int = SCHEMA_VERSION
 
 
 class AnsweredRecord(faust.Record, namespace="echolm.Answered.v1", serializer=ORJSON_CODEC):
@@ -284,6 +323,32 @@ class FeedbackRecord(faust.Record, namespace="echolm.Feedback.v1", serializer=OR
     at: float = 0.0
     version: int = SCHEMA_VERSION
     rater: str = ""  # who rated; one rating per (request_id, rater) is applied (agents/state.py)
+    signature: str = ""  # infra/signing.py over ``signed_fields`` (required when tenants are signed)
+
+    def signed_fields(self) -> dict[str, Any]:
+        """What the feedback signature covers (``feedback_fields`` of the same values)."""
+        return feedback_fields(
+            request_id=self.request_id,
+            tenant=self.tenant,
+            score=self.score,
+            rater=self.rater,
+            at=self.at,
+            preferred_over=self.preferred_over,
+        )
+
+
+def feedback_fields(
+    *, request_id: str, tenant: str, score: float, rater: str, at: float, preferred_over: str = ""
+) -> dict[str, Any]:
+    """The fields of a feedback record a tenant signs (the client signs these, the worker checks them)."""
+    return {
+        "request_id": request_id,
+        "tenant": tenant,
+        "score": float(score),
+        "rater": rater,
+        "at": float(at),
+        "preferred_over": preferred_over,
+    }
 
 
 class ModelUpdateRecord(faust.Record, namespace="echolm.ModelUpdate.v1", serializer=ORJSON_CODEC):
@@ -481,12 +546,38 @@ def _identity(data: dict[str, Any], limits: LimitsSettings) -> tuple[str, str]:
     return request_id, tenant
 
 
+def authenticate(data: dict[str, Any], tenant: str, limits: LimitsSettings) -> None:
+    """With ``limits.tenant_secrets`` set, the record must be signed by ``tenant``'s secret
+    (``Unauthorized`` otherwise); with none set (trusted single-tenant mode) nothing is checked."""
+    if not limits.tenant_secrets:
+        return
+    secret = limits.tenant_secret(tenant)
+    if secret is None:
+        raise Unauthorized(f"tenant {tenant!r} has no signing secret (limits.tenant_secrets); not accepted")
+    if not verify(data, secret):
+        state = "has no signature" if SIGNATURE_FIELD not in data else "has a signature that does not match"
+        raise Unauthorized(
+            f"the record {state} for tenant {tenant!r}; sign it with the tenant's secret (infra/signing.py)"
+        )
+
+
+def _tenant_reply_topic(reply_topic: str, default_topic: str, tenant: str, limits: LimitsSettings) -> None:
+    """With signed tenants, a private reply topic belongs to one tenant: ``<replies>.<tenant>``; the
+    shared topic is for trusted readers (the gateway)."""
+    if not limits.tenant_secrets or reply_topic == default_topic:
+        return
+    own = f"{default_topic}.{tenant}"
+    if reply_topic != own:
+        raise ForbiddenReplyTopic(f"reply_topic {reply_topic[:80]!r} is not tenant {tenant!r}'s; use {own!r}")
+
+
 def validate_request(
     data: dict[str, Any], *, default_reply_topic: str, limits: LimitsSettings, now: float | None = None
 ) -> RequestRecord:
     version = _request_version(data)
     _check_fields(data, version)
     request_id, tenant = _identity(data, limits)
+    authenticate(data, tenant, limits)
     chat: dict[str, Any] = {}
     if version == 1:
         prompt = _field(data, "prompt", str)
@@ -509,6 +600,7 @@ def validate_request(
             f"reply_topic {reply_topic[:80]!r} is not allowed; use {default_reply_topic!r} or "
             f"'{default_reply_topic}.<suffix>' with a suffix matching {limits.reply_topic_suffix_pattern}"
         )
+    _tenant_reply_topic(reply_topic, default_reply_topic, tenant, limits)
     no_store = _field(data, "no_store", bool, required=False) or False
     created_at = _field(data, "created_at", (int, float), required=False)
     now = time.time() if now is None else now

@@ -119,8 +119,8 @@ def markdown(r: Mapping[str, Any]) -> str:
     short = (
         ""
         if c1["n"] >= 300
-        else f"; **this run reached {c1['n']}: far too few to establish or reject parity.** Generation on "
-        "the shared 2-core CPU is the bottleneck; `python -m bench.quality_eval run` continues from the "
+        else f"; **this run reached {c1['n']}, so the verdict is provisional until it does.** Generation "
+        "on the shared 2-core CPU is the bottleneck; `python -m bench.quality_eval run` continues from the "
         "cache and this section is rewritten from it"
     )
     lines += [

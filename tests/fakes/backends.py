@@ -55,6 +55,7 @@ from infra.protocols import (
     Generator,
     QueueDepth,
     QueueDepthProbe,
+    StreamChunk,
     VectorStore,
 )
 from infra.resources import AdapterFactories, Resources
@@ -116,6 +117,7 @@ class FakeGenerator:
         self.started = asyncio.Event()  # set once a generation has been accepted
         self.unreachable = False
         self.calls: list[GenerateCall] = []
+        self.stream_breaks: deque[tuple[int, BaseException]] = deque()
         self.in_flight = 0
         self.closed = False
 
@@ -131,6 +133,39 @@ class FakeGenerator:
 
     # -- Generator -----------------------------------------------------------------------------------
     async def generate(self, messages: Sequence[ChatMessage], params: GenerationParams) -> Generation:
+        return await self._generate(messages, params, self.token_latency_s)
+
+    def break_stream(self, after_words: int, error: BaseException) -> None:
+        """The next streamed generation raises ``error`` after yielding ``after_words`` words."""
+        self.stream_breaks.append((after_words, error))
+
+    async def generate_stream(
+        self, messages: Sequence[ChatMessage], params: GenerationParams
+    ) -> AsyncIterator[StreamChunk]:
+        """``generate``'s contract, streamed: one word per chunk (the first bare, the others after a
+        space, so the chunks join to ``generate``'s text), ``token_latency_s`` apart, then the final
+        chunk with the finish reason and token counts."""
+        broken = self.stream_breaks.popleft() if self.stream_breaks else None
+        generation = await self._generate(messages, params, 0.0)
+        words = generation.text.split(" ") if generation.text else []
+        for i, word in enumerate(words):
+            if broken is not None and i == broken[0]:
+                raise broken[1]
+            if self.token_latency_s:
+                await asyncio.sleep(self.token_latency_s)
+            yield StreamChunk(text=word if i == 0 else " " + word)
+        if broken is not None:
+            raise broken[1]
+        yield StreamChunk(
+            text="",
+            finish_reason=generation.finish_reason,
+            generated_tokens=generation.generated_tokens,
+            prompt_tokens=generation.prompt_tokens,
+        )
+
+    async def _generate(
+        self, messages: Sequence[ChatMessage], params: GenerationParams, token_latency_s: float
+    ) -> Generation:
         if self.closed:
             raise RuntimeError(f"FakeGenerator {self.name!r} is closed")
         if self.unreachable:
@@ -169,8 +204,8 @@ class FakeGenerator:
             text = step if step is not None else self._text(messages, params)
             words = _WORD.findall(text)
             kept = words[: params.max_new_tokens]
-            if self.token_latency_s:
-                await asyncio.sleep(self.token_latency_s * len(kept))
+            if token_latency_s:
+                await asyncio.sleep(token_latency_s * len(kept))
         finally:
             self.in_flight -= 1
         return Generation(

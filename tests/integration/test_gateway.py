@@ -117,13 +117,23 @@ async def test_completion_conversation_stream_and_errors_through_the_openai_sdk(
     expected_key = retrieval_key([ChatMessage(role=t["role"], content=t["content"]) for t in turns])  # type: ignore[arg-type]
     assert record.request.prompt == expected_key and record.request.tenant == "acme"
 
-    # stream=True (wave 1: the whole reply as one chunk, then [DONE])
+    # stream=True: the pieces as serve generates them, then the finish and the usage
     stream = await sdk.chat.completions.create(
-        model="echolm-auto", messages=[{"role": "user", "content": "Say hi."}], max_tokens=8, stream=True
+        model="echolm-auto",
+        messages=[{"role": "user", "content": "Count from one to twenty in words."}],
+        max_tokens=32,
+        stream=True,
+        stream_options={"include_usage": True},
     )
     chunks = [chunk async for chunk in stream]
-    assert chunks[-1].choices[0].finish_reason == "stop"
-    assert "".join(c.choices[0].delta.content or "" for c in chunks).strip()
+    contents = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(contents) > 2, contents  # relayed as they came, not one piece at the end
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes in (["stop"], ["length"])
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    streamed = await _logged(gw.settings, chunks[0].id.removeprefix("chatcmpl-"))
+    assert streamed.request.stream and streamed.reply.text == "".join(contents)
+    assert reply.usage is not None and reply.usage.prompt_tokens > 0
 
     # bad input and an unknown model: nothing produced, OpenAI's error types
     with pytest.raises(openai.BadRequestError) as bad:
@@ -160,6 +170,36 @@ async def test_a_tenant_over_its_limit_gets_429_while_others_are_served(
     assert "limited" in str(limited_error.value)
     other = await gw.sdk().chat.completions.create(model="echolm-auto", messages=question, max_tokens=8)  # type: ignore[arg-type]
     assert other.choices[0].message.content is not None
+
+
+async def test_fifty_concurrent_streams_are_each_complete_and_in_order(
+    gateway_factory: GatewayFactory,
+) -> None:
+    gw = await gateway_factory(burst=100)  # one tenant, 50 at once: over the default burst of 40
+    sdk = gw.sdk()
+
+    async def stream(i: int) -> tuple[str, str]:
+        chunks = await sdk.chat.completions.create(
+            model="echolm-auto",
+            messages=[{"role": "user", "content": f"Say the number {i} and one fact about it."}],
+            max_tokens=10,
+            stream=True,
+        )
+        pieces = [c async for c in chunks]
+        assert pieces[-1].choices[0].finish_reason in ("stop", "length")
+        text = "".join(c.choices[0].delta.content or "" for c in pieces if c.choices)
+        return pieces[0].id.removeprefix("chatcmpl-"), text
+
+    results = await asyncio.gather(*(stream(i) for i in range(50)))
+    assert len({request_id for request_id, _ in results}) == 50
+    logged = {r.request.request_id: r.reply.text for r in await read_log(gw.settings)}
+    for _ in range(60):
+        if all(request_id in logged for request_id, _ in results):
+            break
+        await asyncio.sleep(0.5)
+        logged = {r.request.request_id: r.reply.text for r in await read_log(gw.settings)}
+    # every stream is the whole reply the worker logged, in order: nothing missing, nothing twice
+    assert all(logged[request_id] == text for request_id, text in results)
 
 
 async def test_twenty_concurrent_requests_are_all_answered(gateway_factory: GatewayFactory) -> None:

@@ -124,6 +124,7 @@ async def test_echolm_up_demo_serves_paraphrases_from_the_cache(tmp_path: Path) 
         "ECHOLM_KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{ports[0]}",
         "ECHOLM_MILVUS__URI": f"http://127.0.0.1:{ports[1]}",
         "ECHOLM_WORKER__METRICS_PORT": str(free_port()),
+        "ECHOLM_GATEWAY__PORT": str(free_port()),
         "ECHOLM_WORKER__WEB_PORT": "0",
         "ECHOLM_WORKER__DATA_DIR": str(tmp_path / "worker"),
         "ECHOLM_STACK__MODELS": "smollm2",  # the fast model on both tiers (the Qwen pair: bench/)
@@ -145,3 +146,8 @@ async def test_echolm_up_demo_serves_paraphrases_from_the_cache(tmp_path: Path) 
     assert paraphrases and all("0 in-context" not in r for r in paraphrases), out[-3000:]
     other = next(route for q, route in by_question.items() if q.startswith("[other-"))
     assert "0 in-context example(s)" in other, other
+    # the gateway started with the stack: its URL, a key minted for the run, and a streamed answer
+    err = stderr.decode()
+    assert "OpenAI-compatible gateway at http://127.0.0.1:" in err and "API key for tenant 'local'" in err
+    streamed = next(line for line in out.splitlines() if "streamed piece(s)" in line)
+    assert "HTTP 200" in streamed and " 0 streamed" not in streamed, out[-3000:]

@@ -15,10 +15,10 @@ import orjson
 import pytest
 from aiokafka.errors import KafkaConnectionError
 
-from echolm.client import Reply
+from echolm.client import Delta, Reply
 from echolm.gateway import build_gateway
 from infra.auth import hash_key
-from infra.errors import ClientTimeout
+from infra.errors import ClientTimeout, StreamDiverged
 from infra.settings import Settings, load_settings
 
 ACME_KEY, GLOBEX_KEY = "elm-acme-test-key", "elm-globex-test-key"
@@ -26,9 +26,13 @@ CHAT = {"model": "echolm-auto", "messages": [{"role": "user", "content": "hello"
 
 
 class ScriptedRelay:
-    """Answers ``ask`` with ``outcome`` (a Reply factory or an exception); records what it was sent."""
+    """Answers ``ask`` with ``outcome`` (a Reply factory or an exception); records what it was sent.
+    ``stream`` yields ``pieces`` (texts, or an exception to raise there), then the reply ``outcome``
+    makes (by default the pieces joined)."""
 
     def __init__(self) -> None:
+        self.pieces: list[str | BaseException] = ["echo", " hel", "lo"]
+        self.streams_closed = 0
         self.sent: list[dict[str, Any]] = []
         self.outcome: Any = None
         self.gate: asyncio.Event | None = None
@@ -53,6 +57,42 @@ class ScriptedRelay:
         if self.outcome is not None:
             return self.outcome(body)  # type: ignore[no-any-return]
         return Reply(request_id=kw["request_id"], tenant=tenant, ok=True, text=f"echo {prompt}", tier="small")
+
+    async def stream(
+        self,
+        prompt: str | None = None,
+        *,
+        tenant: str = "default",
+        timeout: float = 60.0,  # noqa: ASYNC109 - EchoClient.stream's signature
+        request_id: str | None = None,
+        raw: bytes | None = None,
+    ) -> AsyncIterator[Delta]:
+        assert raw is not None and request_id is not None
+        body = orjson.loads(raw)
+        self.sent.append({"tenant": tenant, "timeout": timeout, "request_id": request_id, "body": body})
+        try:
+            for piece in self.pieces:
+                if isinstance(piece, BaseException):
+                    raise piece
+                yield Delta(piece)
+            text = "".join(p for p in self.pieces if isinstance(p, str))
+            reply = (
+                self.outcome(body)
+                if self.outcome is not None
+                else Reply(
+                    request_id=request_id,
+                    tenant=tenant,
+                    ok=True,
+                    text=text,
+                    tier="small",
+                    prompt_tokens=9,
+                    completion_tokens=3,
+                    finish_reason="length",
+                )
+            )
+            yield Delta("", reply)
+        finally:
+            self.streams_closed += 1
 
 
 def _settings(**gateway: Any) -> Settings:
@@ -258,14 +298,67 @@ async def test_a_reply_for_another_tenant_is_not_delivered(
     assert r.status_code == 502 and "secret" not in r.text
 
 
-async def test_stream_true_is_sse_with_one_content_chunk_and_done(http: httpx.AsyncClient) -> None:
-    r = await _post(http, {**CHAT, "stream": True})
+def _events(response: httpx.Response) -> list[str]:
+    return [line.removeprefix("data: ") for line in response.text.split("\n\n") if line]
+
+
+async def test_stream_true_relays_each_piece_as_its_own_sse_chunk(
+    http: httpx.AsyncClient, relay: ScriptedRelay
+) -> None:
+    r = await _post(http, {**CHAT, "stream": True, "stream_options": {"include_usage": True}})
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-    events = [line.removeprefix("data: ") for line in r.text.split("\n\n") if line]
+    events = _events(r)
     assert events[-1] == "[DONE]"
     chunks = [orjson.loads(e) for e in events[:-1]]
-    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "echo hello"
-    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    contents = [c["choices"][0]["delta"]["content"] for c in chunks[1:4]]
+    assert contents == ["echo", " hel", "lo"]  # one SSE chunk per relayed piece, in order
+    assert chunks[4]["choices"][0]["finish_reason"] == "length"
+    assert chunks[5]["choices"] == [] and chunks[5]["usage"] == {
+        "prompt_tokens": 9,
+        "completion_tokens": 3,
+        "total_tokens": 12,
+    }
+    assert relay.sent[0]["body"]["stream"] is True and relay.streams_closed == 1
+
+
+async def test_a_stream_error_before_any_text_is_an_http_status(
+    http: httpx.AsyncClient, relay: ScriptedRelay
+) -> None:
+    relay.pieces = []
+    relay.outcome = lambda body: Reply(
+        request_id=body["request_id"], tenant="acme", ok=False, text="", error_code="deadline_exceeded"
+    )
+    r = await _post(http, {**CHAT, "stream": True})
+    assert r.status_code == 504 and _error(r)["code"] == "deadline_exceeded"
+    assert relay.streams_closed == 1
+
+
+async def test_a_diverged_retry_after_text_ends_the_stream_with_an_error_event(
+    http: httpx.AsyncClient, relay: ScriptedRelay
+) -> None:
+    relay.pieces = ["echo", StreamDiverged("a retried generation disagrees")]
+    r = await _post(http, {**CHAT, "stream": True})
+    events = _events(r)
+    assert r.status_code == 200 and "[DONE]" not in events
+    assert orjson.loads(events[-1])["error"]["code"] == "stream_diverged"
+    assert (await http.get("/health")).json()["inflight"] == 0  # the stream's slot was given back
+
+
+async def test_usage_and_finish_reason_in_a_completion(http: httpx.AsyncClient, relay: ScriptedRelay) -> None:
+    relay.outcome = lambda body: Reply(
+        request_id=body["request_id"],
+        tenant="acme",
+        ok=True,
+        text="cut",
+        prompt_tokens=5,
+        completion_tokens=2,
+        finish_reason="length",
+    )
+    body = (await _post(http, {**CHAT, "top_p": 0.5})).json()
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+    assert relay.sent[0]["body"]["top_p"] == 0.5
 
 
 async def test_models_health_and_metrics(http: httpx.AsyncClient) -> None:
