@@ -35,7 +35,7 @@ from bench.quality_eval.metrics import (
 )
 from bench.quality_eval.run import CACHE_DIR, MAX_NEW_TOKENS
 from bench.quality_eval.schedule import FACT_CONDITIONS
-from bench.quality_eval.stats import holm, outcomes, paired_bootstrap
+from bench.quality_eval.stats import FloatArray, holm, outcomes, paired_bootstrap, reweighted_mean
 from bench.quality_eval.workspace import Workspace, tier_of
 
 __all__ = ["CELLS_JSON", "CONTRASTS", "MARGINS", "analyse", "main"]
@@ -162,7 +162,9 @@ def _judge(ws: Workspace, engine: Engine, scores: Mapping[str, Mapping[int, Scor
     }
 
 
-def _by_bin(ws: Workspace, scores: dict[str, dict[int, Scores]]) -> dict[str, Any]:
+def _by_bin(
+    ws: Workspace, scores: dict[str, dict[int, Scores]]
+) -> tuple[dict[str, Any], dict[str, FloatArray]]:
     """Per similarity bin: requests, how many two-stage showed examples for, and C1's win rate."""
     bins: dict[str, Any] = {}
     for i in scores["large"]:
@@ -174,15 +176,23 @@ def _by_bin(ws: Workspace, scores: dict[str, dict[int, Scores]]) -> dict[str, An
         if i in scores["small_two_stage"]:
             b["pairs"].append((scores["small_two_stage"][i].cosine, scores["large"][i].cosine))
     by_bin: dict[str, Any] = {}
+    per_bin: dict[str, FloatArray] = {}
     for label, b in sorted(bins.items()):
         pairs = b.pop("pairs")
-        win = (
-            float(outcomes([p[0] for p in pairs], [p[1] for p in pairs], margin=MARGINS[PRIMARY]).mean())
-            if pairs
-            else float("nan")
-        )
+        per_bin[label] = outcomes([p[0] for p in pairs], [p[1] for p in pairs], margin=MARGINS[PRIMARY])
+        win = float(per_bin[label].mean()) if pairs else float("nan")
         by_bin[label] = {**b, "c1_n": len(pairs), "c1_win_rate": win}
-    return by_bin
+    return by_bin, per_bin
+
+
+def _natural_mix(ws: Workspace, per_bin: Mapping[str, FloatArray]) -> dict[str, Any] | None:
+    """C1's win rate carried from the bin-stratified sample back to the live pool's own bin mix
+    (exploratory: the sample takes up to 200 per bin, so near neighbours are over-represented)."""
+    pool = {k: float(v) for k, v in ws.corpus.manifest.meta.get("live_candidates_by_bin", {}).items()}
+    if not any(len(v) and pool.get(k, 0.0) > 0 for k, v in per_bin.items()):
+        return None
+    est, ci = reweighted_mean(per_bin, pool)
+    return {"pool_by_bin": pool, "c1_win_rate": est, "c1_win_ci": list(ci)}
 
 
 def _timing(cache: GenerationCache) -> dict[str, Any]:
@@ -245,7 +255,7 @@ def analyse(ws: Workspace, cache: GenerationCache) -> dict[str, Any]:
     for cid, p in adjusted.items():
         contrasts[cid]["p_holm"] = p
 
-    by_bin = _by_bin(ws, scores)
+    by_bin, per_bin = _by_bin(ws, scores)
 
     timing = _timing(cache)
     c1 = contrasts.get("C1")
@@ -276,6 +286,7 @@ def analyse(ws: Workspace, cache: GenerationCache) -> dict[str, Any]:
         "parity": {"rule": f"C1 win-rate 95% lower bound >= {PARITY_FLOOR}", "verdict": _parity(c1)},
         "selector_ordering": ordering,
         "by_bin": by_bin,
+        "natural_mix": _natural_mix(ws, per_bin),
         "facts": _facts(ws, engine),
         "judge": _judge(ws, engine, scores),
         "timing": timing,

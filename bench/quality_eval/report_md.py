@@ -157,6 +157,19 @@ def markdown(r: Mapping[str, Any]) -> str:
             f"| {label} | {b['n_large']} | {b['two_stage_with_examples']} | {b['c1_n']} "
             f"| {_f(b['c1_win_rate'])} |"
         )
+    mix = r.get("natural_mix")
+    if mix:
+        pool = mix["pool_by_bin"]
+        shares = ", ".join(f"{k} {v / sum(pool.values()):.0%}" for k, v in sorted(pool.items()))
+        lines += [
+            "",
+            "The sample takes up to 200 requests per bin, so close neighbours are over-represented: in the "
+            f"live pool the bins are {shares}. **Re-weighted to the pool's own mix, C1's win rate is "
+            f"{_f(mix['c1_win_rate'])} [{_f(mix['c1_win_ci'][0])}, {_f(mix['c1_win_ci'][1])}]** "
+            "(post-stratified, bootstrap within bins; exploratory, not in the pre-registration). The "
+            "gain comes from requests with a near neighbour in the bank; how often those occur is a "
+            "property of the traffic, not of echolm.",
+        ]
     lines += ["", "### Knowledge transfer: invented facts, two tenants", "", *_facts_lines(r["facts"]), ""]
     j = r["judge"]
     if j["n"]:

@@ -20,7 +20,15 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["PairedResult", "holm", "outcomes", "paired_bootstrap", "sign_test_p", "win_rate"]
+__all__ = [
+    "PairedResult",
+    "holm",
+    "outcomes",
+    "paired_bootstrap",
+    "reweighted_mean",
+    "sign_test_p",
+    "win_rate",
+]
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -126,6 +134,34 @@ def paired_bootstrap(
         losses=n - wins - ties,
         p_sign=sign_test_p(wins, n - wins - ties),
     )
+
+
+def reweighted_mean(
+    per_stratum: Mapping[str, Sequence[float] | FloatArray],
+    weights: Mapping[str, float],
+    *,
+    n_boot: int = 10_000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, tuple[float, float]]:
+    """A post-stratified mean: each stratum's mean weighted by ``weights`` (renormalised over the
+    strata that have values), with a percentile interval from ``n_boot`` resamples within each
+    stratum. Used to carry a stratified sample's per-bin win rates back to the pool's own mix."""
+    strata = [k for k, v in per_stratum.items() if len(v) and weights.get(k, 0.0) > 0.0]
+    if not strata:
+        raise ValueError("no stratum has both values and a positive weight")
+    if n_boot < 1 or not 0.0 < level < 1.0:
+        raise ValueError(f"need n_boot >= 1 and 0 < level < 1, got {n_boot} and {level}")
+    total = sum(weights[k] for k in strata)
+    rng = np.random.default_rng(seed)
+    point, boot = 0.0, np.zeros(n_boot)
+    for k in strata:
+        values = np.asarray(per_stratum[k], dtype=np.float64)
+        w = weights[k] / total
+        point += w * float(values.mean())
+        idx = rng.integers(0, values.size, size=(n_boot, values.size))
+        boot += w * values[idx].mean(axis=1)
+    return point, _interval(boot, level)
 
 
 def sign_test_p(wins: int, losses: int) -> float:

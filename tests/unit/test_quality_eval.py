@@ -24,7 +24,7 @@ from bench.quality_eval.facts import carries_fact, load_facts
 from bench.quality_eval.judge import agreement, combine, parse_letter
 from bench.quality_eval.metrics import cut_words
 from bench.quality_eval.schedule import PRIMARY, SECONDARY, build_schedule, fact_question_order
-from bench.quality_eval.stats import holm, outcomes, paired_bootstrap, sign_test_p, win_rate
+from bench.quality_eval.stats import holm, outcomes, paired_bootstrap, reweighted_mean, sign_test_p, win_rate
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -219,3 +219,15 @@ def test_judge_needs_both_orders_to_agree() -> None:
 def test_cut_words() -> None:
     assert cut_words("a b  c d", 2) == "a b"
     assert cut_words(" a b ", 5) == "a b"
+
+
+def test_reweighted_mean_carries_strata_means_to_the_pool_mix() -> None:
+    per = {"near": [1.0] * 50, "far": [0.0] * 50}  # a 50/50 sample of a pool that is 10% near
+    est, (low, high) = reweighted_mean(per, {"near": 10.0, "far": 90.0, "empty": 5.0}, n_boot=500)
+    assert est == pytest.approx(0.1) and low == pytest.approx(0.1) and high == pytest.approx(0.1)
+    noisy = {"near": [1.0, 0.0] * 20, "far": [0.0, 0.5] * 20}
+    est, (low, high) = reweighted_mean(noisy, {"near": 1.0, "far": 3.0}, n_boot=2000)
+    assert est == pytest.approx(0.25 * 0.5 + 0.75 * 0.25)
+    assert low < est < high and high - low < 0.3
+    with pytest.raises(ValueError):
+        reweighted_mean({"near": []}, {"near": 1.0})
