@@ -15,7 +15,7 @@ from typing import Any
 
 import faust
 
-from infra.errors import ServiceError, Unauthorized, UnknownReplyTopic
+from infra.errors import ForbiddenReplyTopic, ServiceError, Unauthorized, UnknownReplyTopic
 from infra.resources import Resources
 from streams.records import (
     DeadLetterRecord,
@@ -155,8 +155,9 @@ class Rejecter:
     ) -> None:
         """Dead-letter one bad record (and reply with the error if the record says where, and ``reply``).
 
-        A record that cannot prove its tenant (``Unauthorized``) is answered on the shared reply topic
-        only, never on the private topic it names (it may name another tenant's)."""
+        A record that cannot prove its tenant (``Unauthorized``) or names a reply topic that is not its
+        tenant's (``ForbiddenReplyTopic``) is answered on the shared reply topic only, never on the
+        private topic it names (it may be another tenant's)."""
         settings = self.res.settings
         address = self.address_of(raw)
         default = settings.topic("replies")
@@ -164,7 +165,7 @@ class Rejecter:
             address is not None
             and address.reply_topic != default
             and (
-                isinstance(exc, (UnknownReplyTopic, Unauthorized))
+                isinstance(exc, (UnknownReplyTopic, Unauthorized, ForbiddenReplyTopic))
                 or not await self.res.topic_directory.exists(address.reply_topic)
             )
         ):
