@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.hostfacts import metadata
 from bench.quality_cells import PAPER_SMALL_MATCH, PLACEHOLDER, QualityCells
 
 __all__ = ["capacity_at_slo", "summarize_point", "write_report"]
@@ -96,7 +97,15 @@ def write_report(pieces: Sequence[Path], *, out: Path, slo_s: float | None = Non
         }
         for pattern, systems in points.items()
     }
+    first = min(loaded, key=lambda d: float(d["started_at"]))
     result = {
+        **metadata(
+            "fleet-sweep",
+            command="python -m bench.fleet.sweep report " + " ".join(str(p) for p in pieces),
+            started_at=float(first["started_at"]),
+            wall_s=sum(d["wall_s"] for d in loaded),
+        ),
+        "machine": first["host"],
         "quality_source": cells.source,
         "slo": {"p99_s": slo_s, "rule": "p99 end-to-end latency; default 3x large-only's p50 at 0.5x load"},
         "ceiling": CEILING,
@@ -110,7 +119,6 @@ def write_report(pieces: Sequence[Path], *, out: Path, slo_s: float | None = Non
             for pat, syss in points.items()
         },
         "pieces": [str(p) for p in pieces],
-        "wall_s": sum(d["wall_s"] for d in loaded),
     }
     out.write_text(json.dumps(result, indent=1, default=float))
     _plots(points, meta, placeholder)
