@@ -96,6 +96,49 @@ class Rejecter:
         except ServiceError:
             return None
 
+    async def _safe(self, address: ReplyAddress | None, *, shared_only: bool = False) -> ReplyAddress | None:
+        """``address``, moved to the shared reply topic when ``shared_only`` or when the topic it names
+        does not exist (sending there would auto-create it on brokers that allow it, or fail the send,
+        and crash the agent, on brokers that do not)."""
+        default = self.res.settings.topic("replies")
+        if (
+            address is not None
+            and address.reply_topic != default
+            and (shared_only or not await self.res.topic_directory.exists(address.reply_topic))
+        ):
+            return replace(address, reply_topic=default)
+        return address
+
+    async def _dead_letter(
+        self,
+        coords: Coordinates,
+        address: ReplyAddress | None,
+        raw: bytes | str | None,
+        *,
+        reason: str,
+        code: str,
+        stage: str = "",
+    ) -> Any:
+        """Send the dead letter; returns its delivery future (the caller awaits it)."""
+        self.res.metrics.dead_letters.labels(code).inc()
+        preview, size = _preview(raw)
+        letter = DeadLetterRecord(
+            source_topic=coords.topic,
+            partition=coords.partition,
+            offset=coords.offset,
+            reason=reason[:2000],
+            error_code=code,
+            key=_key_text(coords.key),
+            value_preview=preview,
+            value_bytes=size,
+            request_id=address.request_id if address else "",
+            tenant=address.tenant if address else "",
+            worker=self.res.worker_id,
+            at=time.time(),
+            stage=stage,
+        )
+        return await self.topics.deadletter.send(key=letter.request_id or _key_text(coords.key), value=letter)
+
     async def fail(
         self,
         coords: Coordinates,
@@ -111,35 +154,9 @@ class Rejecter:
         none), both awaited to the broker."""
         code = exc.code if isinstance(exc, ServiceError) else "internal"
         reason = f"{type(exc).__name__}: {exc}"[:2000]
-        self.res.metrics.dead_letters.labels(code).inc()
         self.res.metrics.requests.labels("failed").inc()
-        preview, size = _preview(raw)
-        letter = DeadLetterRecord(
-            source_topic=coords.topic,
-            partition=coords.partition,
-            offset=coords.offset,
-            reason=reason,
-            error_code=code,
-            key=_key_text(coords.key),
-            value_preview=preview,
-            value_bytes=size,
-            request_id=address.request_id if address else "",
-            tenant=address.tenant if address else "",
-            worker=self.res.worker_id,
-            at=time.time(),
-            stage=stage,
-        )
-        fut = await self.topics.deadletter.send(key=letter.request_id or _key_text(coords.key), value=letter)
-        if not reply:
-            await fut
-            return
-        default = self.res.settings.topic("replies")
-        if (
-            address is not None
-            and address.reply_topic != default
-            and not await self.res.topic_directory.exists(address.reply_topic)
-        ):
-            address = replace(address, reply_topic=default)  # never auto-create a topic nobody reads
+        fut = await self._dead_letter(coords, address, raw, reason=reason, code=code, stage=stage)
+        address = await self._safe(address) if reply else None
         if address is not None:
             await self.error_reply(
                 request_id=address.request_id,
@@ -156,24 +173,10 @@ class Rejecter:
         """Dead-letter one bad record (and reply with the error if the record says where, and ``reply``).
 
         A record that cannot prove its tenant (``Unauthorized``) or names a reply topic that is not its
-        tenant's (``ForbiddenReplyTopic``) is answered on the shared reply topic only, never on the
-        private topic it names (it may be another tenant's)."""
-        settings = self.res.settings
-        address = self.address_of(raw)
-        default = settings.topic("replies")
-        if (
-            address is not None
-            and address.reply_topic != default
-            and (
-                isinstance(exc, (UnknownReplyTopic, Unauthorized, ForbiddenReplyTopic))
-                or not await self.res.topic_directory.exists(address.reply_topic)
-            )
-        ):
-            # the named topic does not exist: tell the client on the default reply topic instead. (A
-            # record rejected for another reason may name an absent topic too: sending there would
-            # auto-create it on brokers that allow it, or fail the send, and crash the agent, on
-            # brokers that do not.)
-            address = replace(address, reply_topic=default)
+        tenant's (``ForbiddenReplyTopic``), or one whose reply topic does not exist, is answered on the
+        shared reply topic only, never on the private topic it names (it may be another tenant's)."""
+        forged = isinstance(exc, (UnknownReplyTopic, Unauthorized, ForbiddenReplyTopic))
+        address = await self._safe(self.address_of(raw), shared_only=forged)
         log.warning(
             "rejected %s[%d]@%d: %s (%s)",
             coords.topic,
@@ -182,24 +185,8 @@ class Rejecter:
             exc.code,
             exc,
         )
-        self.res.metrics.dead_letters.labels(exc.code).inc()
         self.res.metrics.requests.labels(exc.code).inc()
-        preview, size = _preview(raw)
-        letter = DeadLetterRecord(
-            source_topic=coords.topic,
-            partition=coords.partition,
-            offset=coords.offset,
-            reason=str(exc)[:2000],
-            error_code=exc.code,
-            key=_key_text(coords.key),
-            value_preview=preview,
-            value_bytes=size,
-            request_id=address.request_id if address else "",
-            tenant=address.tenant if address else "",
-            worker=self.res.worker_id,
-            at=time.time(),
-        )
-        fut = await self.topics.deadletter.send(key=letter.request_id or _key_text(coords.key), value=letter)
+        fut = await self._dead_letter(coords, address, raw, reason=str(exc), code=exc.code)
         if address is not None and reply:
             await self.error_reply(
                 request_id=address.request_id,
