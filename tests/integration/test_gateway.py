@@ -217,3 +217,35 @@ async def test_twenty_concurrent_requests_are_all_answered(gateway_factory: Gate
     results = await asyncio.gather(*(ask(i) for i in range(20)))
     assert len({request_id for request_id, _ in results}) == 20
     assert all(content is not None for _, content in results)
+
+
+async def test_a_key_cannot_speak_for_another_tenant(gateway_factory: GatewayFactory) -> None:
+    """Over HTTP the key alone decides the tenant: a tenant named in the body is refused, ``user`` and
+    headers naming another tenant change nothing, and nothing of that tenant reaches the caller."""
+    gw = await gateway_factory()
+    vault = "The vault code of the Harrow branch is 4417."
+    told = await gw.sdk().chat.completions.create(
+        model="echolm-auto", messages=[{"role": "user", "content": f"{vault} Repeat it."}], max_tokens=16
+    )
+    assert told.choices[0].message.content is not None
+
+    with pytest.raises(openai.BadRequestError) as refused:  # a body naming a tenant
+        await gw.sdk().chat.completions.create(
+            model="echolm-auto",
+            messages=[{"role": "user", "content": "hi"}],
+            extra_body={"tenant": "limited"},
+        )
+    assert refused.value.status_code == 400 and "tenant" in str(refused.value)
+
+    raw = await gw.sdk(LIMITED).chat.completions.with_raw_response.create(
+        model="echolm-auto",
+        messages=[{"role": "user", "content": "What is the vault code of the Harrow branch?"}],
+        max_tokens=16,
+        user="acme",
+        extra_headers={"x-echolm-tenant": "acme", "x-tenant": "acme"},
+    )
+    answer = raw.parse().choices[0].message.content or ""
+    record = await _logged(gw.settings, raw.headers["x-request-id"])
+    assert record.request.tenant == "limited"
+    assert all(e.tenant == "limited" for e in [*record.examples, *(record.selected or [])])
+    assert "4417" not in answer, answer
