@@ -111,7 +111,7 @@ class DecisionState:
         state = cls(
             settings=settings,
             bandit=bandit,
-            utility=UtilityModel.default(),
+            utility=UtilityModel.prior(settings.selection.prior_similarity),
             tuner=ThresholdTuner(threshold=settings.selection.utility_threshold),
             breaker=CircuitBreaker(
                 failures=settings.tgi.circuit_failures, reset_s=settings.tgi.circuit_reset_s
@@ -156,7 +156,7 @@ class DecisionState:
         labels = set(self.training_y)
         if len(self.training_y) < min_rows or len(labels) < 2:
             return False
-        model = UtilityModel.default()
+        model = UtilityModel.prior(self.settings.selection.prior_similarity)
         model.fit(np.vstack(self.training_x), np.asarray(self.training_y, dtype=np.float64))
         self.utility = model
         return True

@@ -67,7 +67,7 @@ class InProcessPeer:
             settings.tgi.backends, settings.routing, large_tier=settings.tgi.large_tier
         )
         self.backends = tuple(BackendView.from_settings(b) for b in settings.tgi.backends)
-        self.scorer = UtilityModel.default()
+        self.scorer = UtilityModel.prior(settings.selection.prior_similarity)
         self._queue: asyncio.Queue[tuple[str, float, asyncio.Future[dict[str, float]]]] = asyncio.Queue()
         self._gate = asyncio.Semaphore(settings.worker.concurrency)
 

@@ -227,6 +227,12 @@ class SelectionSettings(_Section):
     max_examples: int = Field(5, ge=0, le=16)
     min_similarity: float = Field(0.5, ge=-1, le=1, description="Candidates below this cosine are dropped.")
     utility_threshold: float = Field(0.5, ge=0, le=1, description="Initial stage-2 utility cut-off.")
+    prior_similarity: float = Field(
+        0.7,
+        ge=-1,
+        le=1,
+        description="Cosine at which the untrained utility prior is 0.5 (measured; the paper's is 0.8).",
+    )
     diversity: float = Field(
         0.3, ge=0, le=1, description="MMR trade-off: 0 = pure utility, 1 = pure novelty."
     )

@@ -18,7 +18,7 @@ import numpy.typing as npt
 from agents.policy.features import FEATURE_NAMES
 from infra.protocols import SearchHit
 
-__all__ = ["ThresholdTuner", "UtilityModel", "UtilityScorer"]
+__all__ = ["PAPER_PRIOR_SIMILARITY", "ThresholdTuner", "UtilityModel", "UtilityScorer"]
 
 FloatArray = npt.NDArray[np.float64]
 _INDEX = {name: i for i, name in enumerate(FEATURE_NAMES)}
@@ -66,17 +66,21 @@ def _sigmoid(z: FloatArray) -> FloatArray:
     return out
 
 
-def _prior_weights() -> tuple[FloatArray, float]:
-    """The untrained prior: logit = 10*(similarity - 0.8) + 4*(quality - 0.5).
+PAPER_PRIOR_SIMILARITY = 0.8  # the paper: related requests start above cosine 0.8
 
-    Utility is 0.5 at similarity 0.8 with quality 0.5 (the paper finds > 0.8 is where related requests
-    start), rises ~0.23 per +0.1 of similarity near there, and a better answer lowers the similarity
-    it needs (quality 0.8 is worth +0.12 of similarity). Every other feature starts at 0.
+
+def _prior_weights(similarity_at_half: float = PAPER_PRIOR_SIMILARITY) -> tuple[FloatArray, float]:
+    """The untrained prior: logit = 10*(similarity - s_half) + 4*(quality - 0.5).
+
+    Utility is 0.5 at ``similarity_at_half`` with quality 0.5, rises ~0.23 per +0.1 of similarity
+    near there, and a better answer lowers the similarity it needs (quality 0.8 is worth +0.12 of
+    similarity). Every other feature starts at 0. The paper's 0.8 is the class default; the serving
+    default (``selection.prior_similarity``) is 0.7, where measured helpfulness turns (docs/decisions.md).
     """
     weights = np.zeros(len(FEATURE_NAMES), dtype=np.float64)
     weights[_INDEX["similarity"]] = 10.0
     weights[_INDEX["quality"]] = 4.0
-    return weights, -10.0 * 0.8 - 4.0 * 0.5
+    return weights, -10.0 * similarity_at_half - 4.0 * 0.5
 
 
 @dataclass
@@ -92,6 +96,7 @@ class UtilityModel:
     bias: float = field(default_factory=lambda: _prior_weights()[1])
     feature_names: tuple[str, ...] = FEATURE_NAMES
     trained_rows: int = 0
+    prior_similarity: float = PAPER_PRIOR_SIMILARITY  # the prior that ``fit`` shrinks towards
 
     def __post_init__(self) -> None:
         self.weights = np.asarray(self.weights, dtype=np.float64)
@@ -103,8 +108,14 @@ class UtilityModel:
 
     @classmethod
     def default(cls) -> UtilityModel:
-        """The untrained prior (same as ``UtilityModel()``)."""
+        """The untrained prior at the paper's similarity (same as ``UtilityModel()``)."""
         return cls()
+
+    @classmethod
+    def prior(cls, similarity_at_half: float) -> UtilityModel:
+        """The untrained prior, 0.5 at ``similarity_at_half`` for an answer of quality 0.5."""
+        weights, bias = _prior_weights(similarity_at_half)
+        return cls(weights=weights, bias=bias, prior_similarity=similarity_at_half)
 
     def predict(self, features: FloatArray) -> FloatArray:
         """Utility in [0, 1]: one value per row of ``features`` (or a 1-element array for one row)."""
@@ -144,7 +155,7 @@ class UtilityModel:
         penalty[-1] = l2 * 1e-3
         centre = np.zeros(d + 1)
         if shrink_to_prior and self.feature_names == FEATURE_NAMES:
-            prior_w, prior_b = _prior_weights()
+            prior_w, prior_b = _prior_weights(self.prior_similarity)
             centre[:d] = prior_w * scale  # the prior, expressed on standardised features
             centre[d] = prior_b + float(np.sum(prior_w * mean))
         beta = centre.copy()
@@ -186,6 +197,7 @@ class UtilityModel:
             "weights": [float(w) for w in self.weights],
             "bias": float(self.bias),
             "trained_rows": int(self.trained_rows),
+            "prior_similarity": float(self.prior_similarity),
         }
 
     @classmethod
@@ -201,6 +213,7 @@ class UtilityModel:
             bias=float(data["bias"]),
             feature_names=names,
             trained_rows=int(data.get("trained_rows", 0)),
+            prior_similarity=float(data.get("prior_similarity", PAPER_PRIOR_SIMILARITY)),
         )
 
 

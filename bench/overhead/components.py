@@ -48,7 +48,7 @@ def micro(
         sims = real @ vector
         best = np.argsort(-sims)[:top_k]
         hit_sets.append([SearchHit(bank[j], float(sims[j])) for j in best])
-    scorer = UtilityModel.default()
+    scorer = UtilityModel.prior(sel.prior_similarity)
     results: list[SelectionResult | None] = [None] * len(queries)
 
     def select(i: int) -> None:

@@ -5,7 +5,8 @@ Conditions (``CONDITIONS``), each on the same live request:
     small               the small model, no examples
     small_two_stage     the small model with the pipeline's own selection: stage-1 recall (the
                         ``RECALL_K`` nearest bank prompts), ``select_examples`` with the untrained
-                        ``UtilityModel`` and the serving defaults of ``SelectionSettings`` and of the
+                        ``UtilityModel`` at the paper's 0.8 (the prior the n=324 run used; the
+                        serving default has since moved to 0.7 from its results) and the serving defaults of ``SelectionSettings`` and of the
                         prepare agent's token budget, ``target_tier="small"``
     small_topk          the small model with the ``TOPK`` nearest bank entries (no utility, no
                         threshold), best last, skipping one that does not fit the same token budget
@@ -29,6 +30,7 @@ import numpy.typing as npt
 from agents.policy.features import example_tokens
 from agents.policy.prompt import build_messages
 from agents.policy.retrieval import Selected, UtilityModel, select_examples
+from agents.policy.utility import PAPER_PRIOR_SIMILARITY
 from infra.protocols import ChatMessage, Example, SearchHit
 from infra.settings import SelectionSettings, TGISettings
 
@@ -93,6 +95,10 @@ class Plan:
     cached_answer: str | None
 
 
+# The measured run's selector: its cached generations are keyed by prompt, so this stays what it ran.
+RUN_PRIOR_SIMILARITY = PAPER_PRIOR_SIMILARITY
+
+
 def _two_stage(
     vector: F32, prompt: str, hits: Sequence[SearchHit], *, tier: str, tenant: str | None
 ) -> list[Selected]:
@@ -101,7 +107,7 @@ def _two_stage(
         vector,
         prompt,
         hits,
-        scorer=UtilityModel.default(),
+        scorer=UtilityModel.prior(RUN_PRIOR_SIMILARITY),
         threshold=s.utility_threshold,
         max_examples=s.max_examples,
         min_similarity=s.min_similarity,

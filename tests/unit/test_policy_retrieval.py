@@ -173,6 +173,32 @@ def test_prior_is_half_at_similarity_08_quality_05() -> None:
     assert isinstance(UtilityModel(), UtilityScorer)
 
 
+def test_prior_can_be_centred_where_measured_helpfulness_turns() -> None:
+    prior = UtilityModel.prior(0.7)
+    assert prior.predict(feature_row(0.7, 0.5))[0] == pytest.approx(0.5)
+    # a paraphrase at 0.75 passes the 0.5 cut under the serving prior, not under the paper's
+    assert prior.predict(feature_row(0.75, 0.5))[0] > 0.5 > UtilityModel().predict(feature_row(0.75, 0.5))[0]
+
+
+def test_fit_shrinks_towards_its_own_prior_and_remembers_it() -> None:
+    x = np.vstack([feature_row(s, 0.5) for s in (0.72, 0.74, 0.76, 0.78)])
+    y = np.array([0.5, 0.5, 0.5, 0.5])  # uninformative: the fit stays at the prior it started from
+    centred = UtilityModel.prior(0.7).fit(x, y, l2=1e6)
+    assert centred.predict(feature_row(0.7, 0.5))[0] == pytest.approx(0.5, abs=0.02)
+    restored = UtilityModel.from_dict(json.loads(json.dumps(centred.to_dict())))
+    assert restored.prior_similarity == 0.7
+
+
+def test_serving_state_starts_from_the_settings_prior() -> None:
+    from agents.state import DecisionState
+    from infra.settings import Settings
+
+    for s_half in (0.7, 0.8):
+        settings = Settings(selection={"prior_similarity": s_half})
+        state = DecisionState.create(settings)
+        assert state.utility.predict(feature_row(s_half, 0.5))[0] == pytest.approx(0.5)
+
+
 @pytest.mark.parametrize("quality", [0.2, 0.5, 0.9])
 def test_prior_is_monotone_in_similarity(quality: float) -> None:
     sims = np.linspace(0.3, 1.0, 15)
