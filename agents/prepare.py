@@ -202,8 +202,13 @@ class Preparer:
             batch.bypass = "store_unavailable"
         elif batch.vectors is not None and store is not None:
             try:
+                # stale_ok: a request need not wait for this worker's own latest admissions (a Session
+                # read would wait for their time tick); retractions are still honoured (infra/milvus.py)
                 batch.hits = await store.search_batch(
-                    [r.tenant for r in batch.requests], batch.vectors, limit=self.res.settings.selection.top_k
+                    [r.tenant for r in batch.requests],
+                    batch.vectors,
+                    limit=self.res.settings.selection.top_k,
+                    stale_ok=True,
                 )
             except DependencyUnavailable:
                 log.warning("vector store unavailable; serving this batch without examples", exc_info=True)

@@ -87,7 +87,7 @@ class InProcessPeer:
             vectors = await self.embedder.embed([p for p, _, _ in batch])
             t1 = time.perf_counter()
             hits = await self.store.search_batch(
-                [self.tenant] * len(batch), vectors, limit=self.settings.selection.top_k
+                [self.tenant] * len(batch), vectors, limit=self.settings.selection.top_k, stale_ok=True
             )
             t2 = time.perf_counter()
             for i, (prompt, _, future) in enumerate(batch):

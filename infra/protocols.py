@@ -174,13 +174,29 @@ class Embedder(Protocol):
 @runtime_checkable
 class VectorStore(Protocol):
     async def search(
-        self, tenant: str, vectors: Vector, *, limit: int, include_unusable: bool = False
+        self,
+        tenant: str,
+        vectors: Vector,
+        *,
+        limit: int,
+        include_unusable: bool = False,
+        stale_ok: bool = False,
     ) -> list[list[SearchHit]]:
-        """Nearest examples of ``tenant`` only, for each row of ``vectors``, best first."""
+        """Nearest examples of ``tenant`` only, for each row of ``vectors``, best first.
+
+        ``stale_ok``: the caller does not need this process's latest additions (the request path:
+        an example admitted a moment ago may be missed); what this process took back (deleted or
+        marked unusable) is still never returned."""
         ...
 
     async def search_batch(
-        self, tenants: Sequence[str], vectors: Vector, *, limit: int, include_unusable: bool = False
+        self,
+        tenants: Sequence[str],
+        vectors: Vector,
+        *,
+        limit: int,
+        include_unusable: bool = False,
+        stale_ok: bool = False,
     ) -> list[list[SearchHit]]:
         """``search`` for a batch whose row i belongs to ``tenants[i]``: row i's hits are of that tenant
         only. One store call per distinct tenant, all in flight at once (one call for a one-tenant batch)."""

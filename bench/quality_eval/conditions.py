@@ -5,9 +5,10 @@ Conditions (``CONDITIONS``), each on the same live request:
     small               the small model, no examples
     small_two_stage     the small model with the pipeline's own selection: stage-1 recall (the
                         ``RECALL_K`` nearest bank prompts), ``select_examples`` with the untrained
-                        ``UtilityModel`` at the paper's 0.8 (the prior the n=324 run used; the
-                        serving default has since moved to 0.7 from its results) and the serving defaults of ``SelectionSettings`` and of the
-                        prepare agent's token budget, ``target_tier="small"``
+                        ``UtilityModel`` at the paper's 0.8 (the prior the n=324 run used; serving
+                        has since moved to 0.7 from its results), the serving defaults of
+                        ``SelectionSettings`` and of the prepare agent's token budget,
+                        ``target_tier="small"``
     small_topk          the small model with the ``TOPK`` nearest bank entries (no utility, no
                         threshold), best last, skipping one that does not fit the same token budget
     small_random        the small model with ``TOPK`` bank entries drawn at random (seeded by request)

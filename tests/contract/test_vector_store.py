@@ -170,6 +170,25 @@ class TestVectorStoreContract:
         [hits] = await store.search("acme", unit(1.0)[None, :], limit=5, include_unusable=True)
         assert [h.example.example_id for h in hits] == ["bad", "ok"]
 
+    async def test_a_stale_ok_search_never_returns_what_was_taken_back(self, store: VectorStore) -> None:
+        """The request path's relaxed search (``stale_ok``) may miss a fresh admission, never a
+        retraction: right after a delete or an upsert marking an example unusable, it is gone."""
+        await store.upsert([example("keep", vector=unit(1.0, 0.5)), example("gone", vector=unit(1.0)),
+                            example("bad", vector=unit(1.0, 0.1))])  # fmt: skip
+        [hits] = await store.search("acme", unit(1.0)[None, :], limit=5)  # exact: all three visible now
+        assert {h.example.example_id for h in hits} == {"keep", "gone", "bad"}
+        for _ in range(3):  # the relaxed path sees them too once they have reached the query nodes
+            [hits] = await store.search("acme", unit(1.0)[None, :], limit=5, stale_ok=True)
+        await store.delete("acme", ["gone"])
+        [hits] = await store.search("acme", unit(1.0)[None, :], limit=5, stale_ok=True)
+        assert "gone" not in {h.example.example_id for h in hits}
+        await store.upsert([example("bad", vector=unit(1.0, 0.1), usable=False)])
+        [hits] = await store.search("acme", unit(1.0)[None, :], limit=5, stale_ok=True)
+        assert [h.example.example_id for h in hits] == ["keep"]
+        queries = np.stack([unit(1.0), unit(1.0)])
+        both = await store.search_batch(["acme", "zeta"], queries, limit=5, stale_ok=True)
+        assert [h.example.example_id for h in both[0]] == ["keep"] and both[1] == []
+
     async def test_get_keeps_the_asked_order_and_skips_missing(self, store: VectorStore) -> None:
         await store.upsert([example("g1"), example("g2"), example("g3"), example("other", tenant="zeta")])
         got = await store.get("acme", ["g3", "missing", "g1", "other", "g3"])

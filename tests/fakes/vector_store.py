@@ -80,7 +80,13 @@ class FakeVectorStore:
 
     # -- VectorStore -------------------------------------------------------------------------------
     async def search(
-        self, tenant: str, vectors: npt.NDArray[np.float32], *, limit: int, include_unusable: bool = False
+        self,
+        tenant: str,
+        vectors: npt.NDArray[np.float32],
+        *,
+        limit: int,
+        include_unusable: bool = False,
+        stale_ok: bool = False,  # always fresh here
     ) -> list[list[SearchHit]]:
         self._enter("search")
         _check_key(tenant, "tenant", MAX_TENANT_BYTES)
@@ -108,6 +114,7 @@ class FakeVectorStore:
         *,
         limit: int,
         include_unusable: bool = False,
+        stale_ok: bool = False,
     ) -> list[list[SearchHit]]:
         self.calls["search_batch"] += 1
         matrix = self._matrix(vectors)
