@@ -24,7 +24,14 @@ from bench.quality_eval.cache import GenerationCache
 from bench.quality_eval.conditions import CONDITIONS
 from bench.quality_eval.engine import MODELS, Engine, params_for
 from bench.quality_eval.facts import carries_fact
-from bench.quality_eval.judge import JUDGE_MAX_TOKENS, Verdict, agreement, combine, judge_messages
+from bench.quality_eval.judge import (
+    JUDGE_MAX_TOKENS,
+    Verdict,
+    agreement,
+    combine,
+    judge_messages,
+    parse_letter,
+)
 from bench.quality_eval.metrics import (
     CACHE_ANSWER_WORDS,
     METRICS,
@@ -137,6 +144,7 @@ def _judge(ws: Workspace, engine: Engine, scores: Mapping[str, Mapping[int, Scor
     params, jparams = params_for(MAX_NEW_TOKENS), params_for(JUDGE_MAX_TOKENS)
     judge_v: list[Verdict] = []
     metric_v: list[Verdict] = []
+    why_tie = {"same_position": 0, "said_tie": 0, "unreadable": 0}
     for i in sorted(set(scores["small_two_stage"]) & set(scores["large"])):
         plan = ws.sharegpt_plan(i)
         a = engine.cached("small", plan.messages["small_two_stage"], params)
@@ -148,6 +156,11 @@ def _judge(ws: Workspace, engine: Engine, scores: Mapping[str, Mapping[int, Scor
         if ab is None or ba is None:
             continue
         judge_v.append(combine(ab.text, ba.text))
+        if judge_v[-1] == "tie":
+            letters = (parse_letter(ab.text), parse_letter(ba.text))
+            why_tie[
+                "unreadable" if "?" in letters else "said_tie" if "T" in letters else "same_position"
+            ] += 1
         o = outcomes(
             [scores["small_two_stage"][i].cosine], [scores["large"][i].cosine], margin=MARGINS[PRIMARY]
         )[0]
@@ -159,6 +172,7 @@ def _judge(ws: Workspace, engine: Engine, scores: Mapping[str, Mapping[int, Scor
         "win_rate_small_two_stage": win,
         "verdicts": {v: judge_v.count(v) for v in ("first", "second", "tie")},
         "agreement_with_cosine": agreement(judge_v, metric_v),
+        "ties_because": why_tie,
     }
 
 

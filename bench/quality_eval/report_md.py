@@ -184,6 +184,17 @@ def markdown(r: Mapping[str, Any]) -> str:
             f"the {a['decisive_n']} pairs both call decisive).",
             "",
         ]
+        why = j.get("ties_because")
+        if why:
+            lines += [
+                f"Why the judge's ties: it picked the same position in both orders {why['same_position']} "
+                f"times (position bias: its verdict followed the order, not the answers), said T "
+                f"{why['said_tie']} times, and gave no readable letter {why['unreadable']} times. Only "
+                "where both orders agree does a verdict count; on those the judge and the cosine metric "
+                "agree as above, so the judge neither confirms nor contradicts C1 beyond that: a 1.5B "
+                "model is too weak a judge for these pairs.",
+                "",
+            ]
     else:
         lines += ["No pairwise-judge verdicts yet (the judge runs after the pairs; CPU-bound).", ""]
     t = r["timing"]
