@@ -45,9 +45,10 @@ import bisect
 import math
 from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 __all__ = [
+    "QWEN25_FLASH_PREFILL",
     "QWEN25_H200_MEASURED",
     "QWEN25_H200_NOTES",
     "BatchLimits",
@@ -461,3 +462,24 @@ def simulate(  # noqa: C901 - one event loop: arrivals, prefill, decode, bookkee
         else Outcome(j.request_id, j.arrival_s, None, None)
         for j in jobs
     ]
+
+
+# The same decode tables with TGI's kind of prefill: attention per sequence by the flash kernel
+# (``bench/gpu_prefill.py``, bench/results/gpu-prefill-h100.json: an H100 80GB, in the same call as the
+# replay engine's masked pass, which it matches at <= 4,096 tokens: 0.032 ms per token for the 0.5B
+# shape there against 0.027 on the H200). Flash: 0.0018 / 0.0062 ms per token and a host-bound fixed
+# 26 / 18 ms per pass (eager, one attention call per sequence). The decode tables stay the H200's.
+QWEN25_FLASH_PREFILL: dict[str, ServiceModel] = {
+    "qwen2.5-0.5b": replace(
+        QWEN25_H200_MEASURED["qwen2.5-0.5b"],
+        prefill_ms_per_token=0.00182,
+        prefill_fixed_ms=26.15,
+        source="decode: gpu-replay-h200.json (H200); prefill: gpu-prefill-h100.json flash (H100)",
+    ),
+    "qwen2.5-1.5b": replace(
+        QWEN25_H200_MEASURED["qwen2.5-1.5b"],
+        prefill_ms_per_token=0.00621,
+        prefill_fixed_ms=18.31,
+        source="decode: gpu-replay-h200.json (H200); prefill: gpu-prefill-h100.json flash (H100)",
+    ),
+}

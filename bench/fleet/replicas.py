@@ -12,7 +12,7 @@ from typing import Any
 from bench.calibrate import QualityModel, TierService
 from bench.fleet.preset import FLEET_COST_WEIGHT, LARGE, SMALL, FleetPreset
 
-__all__ = ["DepthSampler", "Fleet"]
+__all__ = ["DepthSampler", "Fleet", "system_backends", "system_settings"]
 
 
 class Fleet:
@@ -83,29 +83,9 @@ class Fleet:
             await self.stack.stop()
 
     def backends(self, system: str) -> list[Any]:
-        from infra.settings import BackendSettings
-
-        p = self.preset
-        if system == "large-only" or system == "semantic-cache":
-            wanted = [f"{LARGE}-{i}" for i in range(p.slots)]
-        elif system == "small-only":
-            wanted = [f"{SMALL}-{i}" for i in range(p.slots)]
-        else:
-            wanted = [f"{SMALL}-{i}" for i in range(p.echolm_small)] + [
-                f"{LARGE}-{i}" for i in range(p.echolm_large)
-            ]
-        cost = {SMALL: 1.0, LARGE: self.large.decode_ms_per_token / self.small.decode_ms_per_token}
-        return [
-            BackendSettings(
-                name=name,
-                url=self.servers[name].url,
-                tier=name.split("-")[0],
-                cost=round(cost[name.split("-")[0]], 3),
-                quality_prior=0.5,
-                max_concurrency=256,
-            )
-            for name in wanted
-        ]
+        return system_backends(
+            self.preset, system, self.small, self.large, url_of=lambda name: self.servers[name].url
+        )
 
     def settings(
         self,
@@ -115,48 +95,104 @@ class Fleet:
         load_lambda: float | None = None,
         utility_model_path: Path | None = None,
     ) -> Any:
-        from infra.settings import load_settings
-
-        tag = uuid.uuid4().hex[:8]
-        backends = [
-            b.model_copy(update={"quality_prior": quality.small_alone if b.tier == SMALL else quality.large})
-            for b in self.backends(system)
-        ]
-        # Quality here is on the win-rate scale (small alone 0.3, large 0.5: a gap of 0.2, against 0.35
-        # for the local defaults), so the cost tie-break stays at 0.05, a quarter of the gap, as in the
-        # published run (docs/benchmarks.md, "echolm's configuration for this fleet").
-        routing: dict[str, Any] = {"cost_weight": FLEET_COST_WEIGHT}
-        if load_lambda is not None:
-            routing["load_lambda"] = load_lambda
-        if self.preset.load_q0 is not None:
-            routing["load_q0"] = self.preset.load_q0
-        selection: dict[str, Any] = {}
-        if utility_model_path is not None:
-            selection["utility_model_path"] = str(utility_model_path)
-        settings = load_settings(
-            kafka={"topic_prefix": f"bench{tag}", "partitions": 4},
-            milvus={"collection": f"bench_{tag}"},
-            worker={
-                "app_id": f"bench-{tag}",
-                "metrics_port": 0,
-                "web_port": 0,
-                "data_dir": str(self.data_dir / f"worker-{tag}"),
-                "concurrency": self.preset.worker_concurrency,
-            },
-            tgi={
-                "backends": [b.model_dump(mode="json") for b in backends],
-                # small-only has no large tier; its dispatcher ignores this
-                "large_tier": LARGE if any(b.tier == LARGE for b in backends) else SMALL,
-            },
-            routing=routing,
-            selection=selection,
-            replay={"enabled": False},
-            # One torch thread per encode: two on this shared 2-core host ran 5-9x slower under load
-            # (OpenMP threads spinning against other processes; docs/benchmarks.md).
-            embedding={"threads": 2},
-            stack={"data_dir": str(self.data_dir)},
+        return self.stack.apply(
+            system_settings(
+                self.preset,
+                self.backends(system),
+                quality,
+                data_dir=self.data_dir,
+                load_lambda=load_lambda,
+                utility_model_path=utility_model_path,
+            )
         )
-        return self.stack.apply(settings)
+
+
+def system_backends(
+    preset: FleetPreset,
+    system: str,
+    small: TierService,
+    large: TierService,
+    *,
+    url_of: Callable[[str], str] = lambda name: f"http://{name}.invalid",
+) -> list[Any]:
+    """The ``tgi.backends`` one system gets: its replicas' names, tiers and costs (cost: the large
+    model's decode ms per token over the small one's)."""
+    from infra.settings import BackendSettings
+
+    p = preset
+    if system == "large-only" or system == "semantic-cache":
+        wanted = [f"{LARGE}-{i}" for i in range(p.slots)]
+    elif system == "small-only":
+        wanted = [f"{SMALL}-{i}" for i in range(p.slots)]
+    else:
+        wanted = [f"{SMALL}-{i}" for i in range(p.echolm_small)] + [
+            f"{LARGE}-{i}" for i in range(p.echolm_large)
+        ]
+    cost = {SMALL: 1.0, LARGE: large.decode_ms_per_token / small.decode_ms_per_token}
+    return [
+        BackendSettings(
+            name=name,
+            url=url_of(name),
+            tier=name.split("-")[0],
+            cost=round(cost[name.split("-")[0]], 3),
+            quality_prior=0.5,
+            max_concurrency=256,
+        )
+        for name in wanted
+    ]
+
+
+def system_settings(
+    preset: FleetPreset,
+    backends: Sequence[Any],
+    quality: QualityModel,
+    *,
+    data_dir: Path,
+    load_lambda: float | None = None,
+    utility_model_path: Path | None = None,
+) -> Any:
+    """echolm's settings for one system of the fleet (before a stack fills in its addresses)."""
+    from infra.settings import load_settings
+
+    tag = uuid.uuid4().hex[:8]
+    backends = [
+        b.model_copy(update={"quality_prior": quality.small_alone if b.tier == SMALL else quality.large})
+        for b in backends
+    ]
+    # Quality here is on the win-rate scale (small alone 0.3, large 0.5: a gap of 0.2, against 0.35
+    # for the local defaults), so the cost tie-break stays at 0.05, a quarter of the gap, as in the
+    # published run (docs/benchmarks.md, "echolm's configuration for this fleet").
+    routing: dict[str, Any] = {"cost_weight": FLEET_COST_WEIGHT}
+    if load_lambda is not None:
+        routing["load_lambda"] = load_lambda
+    if preset.load_q0 is not None:
+        routing["load_q0"] = preset.load_q0
+    selection: dict[str, Any] = {}
+    if utility_model_path is not None:
+        selection["utility_model_path"] = str(utility_model_path)
+    return load_settings(
+        kafka={"topic_prefix": f"bench{tag}", "partitions": 4},
+        milvus={"collection": f"bench_{tag}"},
+        worker={
+            "app_id": f"bench-{tag}",
+            "metrics_port": 0,
+            "web_port": 0,
+            "data_dir": str(data_dir / f"worker-{tag}"),
+            "concurrency": preset.worker_concurrency,
+        },
+        tgi={
+            "backends": [b.model_dump(mode="json") for b in backends],
+            # small-only has no large tier; its dispatcher ignores this
+            "large_tier": LARGE if any(b.tier == LARGE for b in backends) else SMALL,
+        },
+        routing=routing,
+        selection=selection,
+        replay={"enabled": False},
+        # One torch thread per encode: two on this shared 2-core host ran 5-9x slower under load
+        # (OpenMP threads spinning against other processes; docs/benchmarks.md).
+        embedding={"threads": 2},
+        stack={"data_dir": str(data_dir)},
+    )
 
 
 class DepthSampler:

@@ -23,7 +23,17 @@ from dataclasses import dataclass, field
 from devstack.batching import BatchLimits, BatchScheduler, Job, ServiceModel
 from infra.protocols import QueueDepth
 
-__all__ = ["Arrival", "Dispatch", "FleetView", "Replica", "Router", "Served", "least_loaded", "run_fleet"]
+__all__ = [
+    "Arrival",
+    "Dispatch",
+    "Feedback",
+    "FleetView",
+    "Replica",
+    "Router",
+    "Served",
+    "least_loaded",
+    "run_fleet",
+]
 
 _ARRIVAL, _PROBE, _STEP = 0, 1, 2  # event order at one instant: arrivals first, as ``simulate``
 
@@ -83,6 +93,7 @@ class FleetView:
 
     def __init__(self, replicas: Sequence[Replica]) -> None:
         self.now = 0.0
+        self.exclude: frozenset[str] = frozenset()  # replicas that refused this request already
         self.samples: dict[str, QueueDepth] = {}
         self.inflight: dict[str, dict[str, float]] = {r.name: {} for r in replicas}
 
@@ -103,6 +114,7 @@ class FleetView:
 
 
 Router = Callable[[Arrival, FleetView], Dispatch]
+Feedback = Callable[[str, bool, float], None]  # (replica, answered?, when): what a circuit breaker hears
 
 
 def run_fleet(  # noqa: C901 - one event loop: arrivals, probes, steps, bookkeeping
@@ -111,8 +123,14 @@ def run_fleet(  # noqa: C901 - one event loop: arrivals, probes, steps, bookkeep
     replicas: Sequence[Replica],
     *,
     probe_interval_s: float = 0.25,
+    retries: int = 0,
+    feedback: Feedback | None = None,
 ) -> list[Served]:
-    """Serve ``arrivals`` (any order) through ``replicas``; one ``Served`` per arrival, in input order."""
+    """Serve ``arrivals`` (any order) through ``replicas``; one ``Served`` per arrival, in input order.
+
+    A replica that refuses a request (full: ``max_concurrent_requests``) is excluded and the router asked
+    again (``view.exclude``), up to ``retries`` more times, at the same instant, as echolm's serve agent
+    re-routes a 429. ``feedback`` hears every refusal and every answer (for a circuit breaker)."""
     by_name = {r.name: r for r in replicas}
     view = FleetView(replicas)
     heap: list[tuple[float, int, int, str]] = []
@@ -136,6 +154,8 @@ def run_fleet(  # noqa: C901 - one event loop: arrivals, probes, steps, bookkeep
         for job in jobs:
             done[job.request_id] = t
             view.inflight[rep.name].pop(job.request_id, None)
+            if feedback is not None:
+                feedback(rep.name, True, t)
 
     def start(rep: Replica, t: float) -> None:
         new = rep.sched.plan()
@@ -166,16 +186,26 @@ def run_fleet(  # noqa: C901 - one event loop: arrivals, probes, steps, bookkeep
         elif kind == _ARRIVAL:
             left -= 1
             a = items[key]
-            d = router(a, view)
-            dispatch[key] = d
-            if d.replica is None:
-                first[key] = done[key] = t
-                continue
-            rep = by_name[d.replica]
-            if rep.sched.offer(Job(key, t, d.prompt_tokens, a.max_new_tokens)):
-                view.inflight[rep.name][key] = t
-                if not rep.busy:
-                    start(rep, t)
+            refused: set[str] = set()
+            for _ in range(retries + 1):
+                view.exclude = frozenset(refused)
+                d = router(a, view)
+                dispatch[key] = d
+                if d.replica is None:
+                    first[key] = done[key] = t
+                    break
+                rep = by_name[d.replica]
+                if rep.sched.offer(Job(key, t, d.prompt_tokens, a.max_new_tokens)):
+                    view.inflight[rep.name][key] = t
+                    if not rep.busy:
+                        start(rep, t)
+                    break
+                if feedback is not None:
+                    feedback(rep.name, False, t)
+                refused.add(rep.name)
+                if len(refused) == len(replicas):
+                    break
+            view.exclude = frozenset()
         else:
             rep = by_name[key]
             if rep.new:  # the prefill pass just ended: first tokens; then this step's decode
