@@ -75,6 +75,7 @@ SYSTEMS = (
     "quality-router",
     "least-busy",
     "echolm-load-blind",
+    "echolm-defaults",
     "echolm",
 )
 MODELS = {SMALL: "qwen2.5-0.5b", LARGE: "qwen2.5-1.5b"}
@@ -252,12 +253,14 @@ def make_router(  # noqa: C901 - one branch per system, each a few lines
             return Dispatch(name, req.row["tokens"], _condition(tier, False, req))
 
         return RouterSpec(busy)
-    if system in ("echolm", "echolm-load-blind"):
+    if system in ("echolm", "echolm-load-blind", "echolm-defaults"):
         from agents.policy.routing import ArmEstimate, BackendView, choose_backend
         from infra.errors import NoBackendAvailable
         from infra.settings import BackendSettings, RoutingSettings
 
-        term = LoadTerm(load_lambda=0.0) if system == "echolm-load-blind" else load_term
+        term = {"echolm-load-blind": LoadTerm(load_lambda=0.0), "echolm-defaults": LoadTerm()}.get(
+            system, load_term
+        )
         routing = RoutingSettings(**{**decisions["routing"], **_as_dict(term)})
         by_tier = {b["tier"]: BackendSettings(**b) for b in decisions["backends"]}
         views = [
@@ -503,8 +506,8 @@ def tune(
     processes: int,
 ) -> dict[str, Any]:
     """Each load term on both patterns and every load (one repetition); the best is the one with the
-    highest mean capacity at the SLO among those whose quality stays at or above the load-blind
-    router's minus 0.02 at every load up to that capacity."""
+    highest mean capacity at the SLO (over both patterns) among those whose quality stays at or above
+    ``floor`` (large-only's 0.5 minus 0.02) at every point that meets the SLO."""
     tasks = [
         (system, pattern, load, 0, term)
         for term in grid
@@ -526,14 +529,14 @@ def tune(
         for r in base
         if r["system"] == "large-only" and r["pattern"] == "steady" and r["load"] == min(sweep.loads)
     )
-    blind_q = min(r["quality"]["mean"] for r in base if r["system"] == "echolm-load-blind")
+    floor = 0.48
     scored = []
     for term in grid:
         mine = [r for r in rows if r["system"] == "echolm" and r["load_term"] == _as_dict(term)]
         med = medians(mine)
         caps = capacity_table(med, slo)
         mean_cap = float(np.mean([c or 0.0 for p in caps.values() for c in p.values()]))
-        worst_q = min(r["quality"]["mean"] for r in mine)
+        worst_q = min((r["quality"]["mean"] for r in mine if r["p99_s"] <= slo), default=math.nan)
         scored.append(
             {
                 "term": _as_dict(term),
@@ -542,15 +545,17 @@ def tune(
                 "worst_quality": worst_q,
             }
         )
-    eligible = [s for s in scored if s["worst_quality"] >= blind_q - 0.02] or scored
+    eligible = [s for s in scored if s["worst_quality"] >= floor] or scored
     best = max(eligible, key=lambda s: (s["capacity_mean_rps"], s["worst_quality"]))
     blind_caps = capacity_table(medians([r for r in base if r["system"] == "echolm-load-blind"]), slo)
+    defaults = next((s for s in scored if s["term"] == _as_dict(LoadTerm())), None)
     return {
         "slo_s": slo,
+        "quality_floor": floor,
         "best": best,
+        "defaults": defaults,
         "grid": scored,
         "load_blind_capacities": blind_caps,
-        "load_blind_worst_quality": blind_q,
     }
 
 
@@ -558,7 +563,7 @@ def default_grid() -> list[LoadTerm]:
     return [
         LoadTerm(load_lambda=lam, load_gamma=g, load_q0=q0, load_signal=sig)
         for lam, g, q0, sig in itertools.product(
-            (0.1, 0.25, 0.5, 1.0), (0.05, 0.2, 0.5), (0.0, 4.0, 16.0, 64.0), ("waiting", "total")
+            (0.25, 0.5, 1.0, 2.0), (0.05, 0.2, 0.5), (0.0, 2.0, 16.0, 64.0), ("waiting", "total")
         )
     ]
 
