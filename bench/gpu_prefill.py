@@ -14,7 +14,8 @@ What runs: ``Engine`` (random bf16 weights, the Qwen2.5 0.5B/1.5B shapes) and, p
 sequences (counts x lengths from the fleet's prompts: 1-16 sequences of 128-1,024 tokens), the median
 of 7 timed passes (after 3 warm-ups) of (a) ``Engine.prefill`` (masked, packed) and (b) the same
 layers with attention computed per sequence by ``scaled_dot_product_attention(is_causal=True)``,
-which PyTorch runs with its flash kernel in bf16 on an H100/H200. Both write the KV cache and take
+forced onto PyTorch's flash kernel (bf16, H100/H200; left to choose, PyTorch may take cuDNN
+attention, which builds a plan per new sequence length). Both write the KV cache and take
 the first token of each sequence. Fitted per variant: ``fixed_ms + ms_per_token x tokens``.
 """
 
@@ -47,6 +48,28 @@ def prefill_flash(engine: Engine, first_row: int, lengths: list[int]) -> list[in
     x = F.embedding(tokens, engine.embed)
     g = s.heads // s.kv_heads
     bounds = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    with _flash_only(engine):
+        return _layers(engine, x, pos, rows, lengths, bounds, g)
+
+
+def _flash_only(engine: Engine) -> Any:
+    """The flash kernel only on a GPU: PyTorch may otherwise pick cuDNN attention, which builds a plan
+    per new sequence length (milliseconds each, every length a new one in a replay)."""
+    import contextlib
+
+    if not engine.device.startswith("cuda"):
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION])
+
+
+def _layers(
+    engine: Engine, x: Any, pos: Any, rows: Any, lengths: list[int], bounds: list[int], g: int
+) -> list[int]:
+    torch, F, s = engine.torch, engine.F, engine.shape
+    dev = engine.device
+    t = sum(lengths)
     for i, layer in enumerate(engine.layers):
         q, k, v = engine._qkv(x, layer, pos)
         engine.k[i, rows, :, pos] = k

@@ -4,6 +4,7 @@ which keeps the engine, the replay and the step measurement)."""
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import platform
@@ -62,6 +63,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a toy model, for a smoke test on a CPU")
     parser.add_argument("--budget-s", type=float, default=480.0, help="start no new load after this")
+    parser.add_argument(
+        "--prefill",
+        choices=["masked", "flash"],
+        default="masked",
+        help="masked: one packed pass with a block-diagonal mask; flash: attention per sequence "
+        "(bench/gpu_prefill.py), TGI's kind of prefill",
+    )
     args = parser.parse_args(argv)
     import torch
 
@@ -80,6 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "trace": {"what": trace.get("what", ""), "n": len(unit), "max_len": max_len},
+        "prefill": args.prefill,
         "buckets": BUCKETS,
         "models": {},
     }
@@ -91,6 +100,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in args.models.split(","):
             shape = TINY if args.tiny else SHAPES[name]
             engine = Engine(shape, device=args.device, max_len=max_len)
+            if args.prefill == "flash":
+                from bench.gpu_prefill import prefill_flash
+
+                engine.prefill = functools.partial(prefill_flash, engine)  # type: ignore[method-assign]
             engine.capture(log)
             cal = measure(engine, repeats=5 if args.tiny else 30)
             log(f"  {name}: decode ms {cal['decode_ms']}; prefill fit {cal['prefill_fit']}")
