@@ -340,7 +340,13 @@ def run_point(
     times, start = arrivals_at(sweep, pattern, rate, rep, len(stream))
     rows = decisions["decisions"]
     rng = np.random.default_rng([sweep.seed, rep, 7, SYSTEMS.index(system), int(load * 1000)])
-    delays = np.asarray(overheads.get(system) or [0.0])
+    measured_as = {"echolm-defaults": "echolm"}.get(system, system)  # the same worker, other settings
+    if not overheads.get(measured_as):
+        raise ValueError(
+            f"no measured control-plane overhead for {measured_as!r}: pass the real-time sweep's pieces "
+            "(--overheads bench/results/fleet-sweep/*.json.gz)"
+        )
+    delays = np.asarray(overheads[measured_as])
     requests: dict[str, _Request] = {}
     arrivals: list[Arrival] = []
     sent: dict[str, float] = {}
