@@ -1,6 +1,7 @@
 """``echolm bench``: the benchmarks behind BENCHMARKS.md.
 
-    echolm bench fleet --preset small      # echolm vs large-only, small-only, semantic cache, load-blind
+    echolm bench fleet-sweep run --load-term bench/results/fleet-vsweep-tune.json --out OUT.json
+    echolm bench fleet --preset small      # the superseded issue-4 fleet (history)
                                            # router on one stream; about 12 min on 2 cores
     echolm bench report --preset small     # plots (docs/plots) + BENCHMARKS.md sections from the result
     echolm bench calibrate                 # dev-server + emulator measurements -> calibration.json
@@ -129,6 +130,12 @@ def cmd_quality(args: argparse.Namespace) -> int:
     return quality_main(update=args.update_benchmarks)
 
 
+def cmd_fleet_sweep(args: argparse.Namespace) -> int:
+    from bench.fleet.vsweep import main as vsweep_main
+
+    return vsweep_main(args.rest)
+
+
 def cmd_gpu_calibrate(args: argparse.Namespace) -> int:
     from bench.gpu_calibrate import main as gpu_main
 
@@ -137,7 +144,7 @@ def cmd_gpu_calibrate(args: argparse.Namespace) -> int:
 
 def all_commands(preset: str) -> list[list[str]]:
     """Every benchmark behind BENCHMARKS.md's headline numbers, in the order ``echolm bench all`` runs
-    them, with the options BENCHMARKS.md quotes (about 75 min on 2 cores in all, the 25-minute soak
+    them, with the options BENCHMARKS.md quotes (about 90 min on 2 cores in all, the 25-minute soak
     included). ``preset`` picks selection-quality's and the fleet's preset."""
     py = sys.executable
     return [
@@ -147,8 +154,48 @@ def all_commands(preset: str) -> list[list[str]]:
         [py, "-m", "bench.overhead", "--preset", "full", "--output", "bench/results/overhead-full-v2.json"],
         [py, "-m", "bench.selection_quality", "--preset", preset],
         [py, "-m", "bench.cli", "calibrate"],
-        [py, "-m", "bench.cli", "fleet", "--preset", preset],
-        [py, "-m", "bench.cli", "report", "--preset", preset, "--update-benchmarks"],
+        # the fleet headline (issue 12): decisions of both workload seeds, the load term tuned on seed 1
+        [py, "-m", "bench.fleet.decisions", "--seed", "0", "--out", "bench/results/fleet-decisions.json.gz"],
+        [
+            py,
+            "-m",
+            "bench.fleet.decisions",
+            "--seed",
+            "1",
+            "--out",
+            "bench/results/fleet-decisions-seed1.json.gz",
+        ],
+        [
+            py,
+            "-m",
+            "bench.fleet.vsweep",
+            "tune",
+            "--decisions",
+            "bench/results/fleet-decisions-seed1.json.gz",
+            "--reps",
+            "1",
+            "--out",
+            "bench/results/fleet-vsweep-tune.json",
+        ],
+        [
+            py,
+            "-m",
+            "bench.fleet.vsweep",
+            "run",
+            "--load-term",
+            "bench/results/fleet-vsweep-tune.json",
+            "--out",
+            "bench/results/fleet-vsweep.json",
+        ],
+        [
+            py,
+            "-m",
+            "bench.fleet.vsweep_report",
+            "bench/results/fleet-vsweep.json",
+            "--tune",
+            "bench/results/fleet-vsweep-tune.json",
+            "--plots",
+        ],
         [
             py,
             "-m",
@@ -236,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="default bench/results/calibration.json")
     p.set_defaults(func=cmd_calibrate)
 
-    p = sub.add_parser("all", help="every benchmark behind BENCHMARKS.md, one after another (about 75 min)")
+    p = sub.add_parser("all", help="every benchmark behind BENCHMARKS.md, one after another (about 90 min)")
     p.add_argument("--preset", choices=["small", "full"], default="small", help="preset where one exists")
     p.add_argument("--dry-run", action="store_true", help="print the commands; run nothing")
     p.set_defaults(func=cmd_all)
@@ -250,6 +297,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_quality)
 
     p = sub.add_parser(
+        "fleet-sweep",
+        help="the fleet on a virtual clock: tune | run (python -m bench.fleet.vsweep)",
+        add_help=False,
+    )
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_fleet_sweep)
+
+    p = sub.add_parser(
         "gpu-calibrate",
         help="time 1B/3B/8B decoders on a GPU (python -m bench.gpu_calibrate)",
         add_help=False,
@@ -261,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    passthrough = {"fleet-sweep": cmd_fleet_sweep, "gpu-calibrate": cmd_gpu_calibrate}
+    if argv and argv[0] in passthrough:  # their own parsers, --help included
+        return int(passthrough[argv[0]](argparse.Namespace(rest=argv[1:])))
     args = build_parser().parse_args(argv)
     args.argv = argv
     return int(args.func(args))
