@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -110,8 +112,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "fleet-vcheck.json")
     args = parser.parse_args(argv)
+    from bench.hostfacts import host_facts, loadavg, metadata
+
+    began, load_start = time.time(), loadavg()
     rows = [row for piece in args.pieces for row in check_piece(piece)]
-    args.out.write_text(json.dumps({"what": "bench.fleet.vcheck", "rows": rows}, indent=1))
+    command = "python -m bench.fleet.vcheck " + " ".join(sys.argv[1:] if argv is None else argv)
+    result = {
+        **metadata("fleet-vcheck", command=command, started_at=began, wall_s=round(time.time() - began, 1)),
+        "machine": host_facts(loadavg_start=load_start, loadavg_end=loadavg()),
+        "what": "bench.fleet.vcheck: the virtual fleet replaying the real-time sweep's recorded requests",
+        "pieces": [str(p) for p in args.pieces],
+        "rows": rows,
+    }
+    args.out.write_text(json.dumps(result, indent=1))
     print("| system | load | n | recorded p50 / p99 (s) | virtual p50 / p99 (s) | error median / p90 |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:

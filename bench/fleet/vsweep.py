@@ -612,6 +612,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.choices["run"].add_argument("--systems", default=",".join(SYSTEMS))
     sub.choices["run"].add_argument("--load-term", type=Path, help="a tune result: use its best term")
     args = parser.parse_args(argv)
+    from bench.hostfacts import host_facts, loadavg, metadata
     from bench.quality_cells import QualityCells
 
     sweep = VSweep(
@@ -622,6 +623,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     overheads = measured_overheads(args.overheads)
     cells = QualityCells.load()
     began = time.time()
+    load_start = loadavg()
     common = {
         "decisions_file": str(args.decisions),
         "workload_seed": decisions["sweep"]["seed"],
@@ -675,7 +677,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             ],
             "rows": rows,
         }
-    result["wall_s"] = time.time() - began
+    command = "python -m bench.fleet.vsweep " + " ".join(sys.argv[1:] if argv is None else argv)
+    meta = metadata("fleet-vsweep", command=command, started_at=began, wall_s=round(time.time() - began, 1))
+    result = {**meta, "machine": host_facts(loadavg_start=load_start, loadavg_end=loadavg()), **result}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, default=float))
     print(f"{args.command}: {result['wall_s']:.0f} s -> {args.out}")
