@@ -50,16 +50,16 @@ def prompt_tokens(text: str) -> int:
 
 
 async def build_decisions(sp: SweepPreset, n_requests: int, data_dir: Path) -> dict[str, Any]:
-    from agents.policy.admission import example_id
     from agents.policy.retrieval import select_examples
     from agents.policy.routing import context_features, route_estimates
     from agents.state import DecisionState
+    from bench.fleet.echolm_path import bank_examples
     from bench.fleet.replicas import system_backends, system_settings
     from bench.fleet.training import train_utility
-    from bench.fleet.workbench import bank_answer, build_workbench
+    from bench.fleet.workbench import build_workbench
     from bench.quality_cells import QualityCells
     from infra.embedding import SentenceTransformerEmbedder
-    from infra.protocols import Example, SearchHit
+    from infra.protocols import SearchHit
     from infra.settings import EmbeddingSettings
 
     preset = replace(sp.fleet(SWEEP_SYSTEMS), burst_requests=n_requests)
@@ -80,20 +80,7 @@ async def build_decisions(sp: SweepPreset, n_requests: int, data_dir: Path) -> d
     state = DecisionState.create(settings)
     sel = settings.selection
     now = time.time()
-    examples = [
-        Example(
-            example_id=example_id(TENANT, text),
-            tenant=TENANT,
-            request=text,
-            response=bank_answer(text, preset.tokens_median),
-            embedding=bank_vectors[i],
-            model_tier=LARGE,
-            quality=0.5,
-            created_at=now,
-            updated_at=now,
-        )
-        for i, (text, _group) in enumerate(bench.bank)
-    ]
+    examples = bank_examples(bench.bank, bank_vectors, preset.tokens_median, now)
     rows: dict[str, Any] = {}
     for i, text in enumerate(texts):
         sims = bank_vectors @ vectors[i]

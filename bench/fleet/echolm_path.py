@@ -19,17 +19,15 @@ from bench.fleet.quality import condition_of
 from bench.fleet.workbench import bank_answer
 from bench.report import RequestResult
 
-__all__ = ["LogWatcher", "seed_bank", "serve_echolm"]
+__all__ = ["LogWatcher", "bank_examples", "seed_bank", "serve_echolm"]
 
 
-async def seed_bank(settings: Any, bank: Sequence[tuple[str, str]], vectors: np.ndarray, tokens: int) -> int:
-    """Write the bank (request text, group) with stand-in large answers into this system's collection."""
+def bank_examples(bank: Sequence[tuple[str, str]], vectors: np.ndarray, tokens: int, now: float) -> list[Any]:
+    """The bank (request text, group) as ``Example``s with stand-in large answers of ``tokens`` tokens."""
     from agents.policy.admission import example_id
-    from infra.milvus import MilvusExampleStore
     from infra.protocols import Example
 
-    now = time.time()
-    examples = [
+    return [
         Example(
             example_id=example_id(TENANT, text),
             tenant=TENANT,
@@ -43,6 +41,13 @@ async def seed_bank(settings: Any, bank: Sequence[tuple[str, str]], vectors: np.
         )
         for i, (text, _group) in enumerate(bank)
     ]
+
+
+async def seed_bank(settings: Any, bank: Sequence[tuple[str, str]], vectors: np.ndarray, tokens: int) -> int:
+    """Write the bank (request text, group) with stand-in large answers into this system's collection."""
+    from infra.milvus import MilvusExampleStore
+
+    examples = bank_examples(bank, vectors, tokens, time.time())
     async with MilvusExampleStore(settings.milvus) as store:
         for i in range(0, len(examples), 256):
             await store.upsert(examples[i : i + 256])

@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 
 from bench.fleet.preset import LARGE, SMALL
+from bench.fleet.sweep import SWEEP_SYSTEMS
 from bench.fleet.virtual import (
     Arrival,
     Dispatch,
@@ -69,16 +70,7 @@ from devstack.batching import QWEN25_FLASH_PREFILL, QWEN25_H200_MEASURED, BatchL
 __all__ = ["LoadTerm", "RouterSpec", "VSweep", "make_router", "run_point", "summarize"]
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
-SYSTEMS = (
-    "large-only",
-    "small-only",
-    "semantic-cache",
-    "quality-router",
-    "least-busy",
-    "echolm-load-blind",
-    "echolm-defaults",
-    "echolm",
-)
+SYSTEMS = (*SWEEP_SYSTEMS[:-1], "echolm-defaults", "echolm")  # the real-time sweep's, + shipped defaults
 MODELS = {SMALL: "qwen2.5-0.5b", LARGE: "qwen2.5-1.5b"}
 ECHOLM_SATURATION_RPS = 36.0  # one worker, 100k examples, BENCHMARKS "Issue 9 update" (measured)
 
