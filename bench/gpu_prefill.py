@@ -22,7 +22,6 @@ the first token of each sequence. Fitted per variant: ``fixed_ms + ms_per_token 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import statistics
 import time
@@ -36,20 +35,11 @@ PACKS = [(n, length) for n in (1, 2, 4, 8, 16) for length in (128, 256, 512, 102
 
 
 def prefill_flash(engine: Engine, first_row: int, lengths: list[int]) -> list[int]:
-    """``Engine.prefill`` with attention per sequence (causal, no mask tensor)."""
-    torch, F, s = engine.torch, engine.F, engine.shape
-    dev = engine.device
-    t = sum(lengths)
-    seq = torch.repeat_interleave(torch.arange(len(lengths), device=dev), torch.tensor(lengths, device=dev))
-    starts = torch.tensor([0, *lengths[:-1]], device=dev).cumsum(0)
-    pos = torch.arange(t, device=dev) - starts[seq]
-    rows = seq + first_row
-    tokens = torch.randint(0, s.vocab, (t,), device=dev)
-    x = F.embedding(tokens, engine.embed)
-    g = s.heads // s.kv_heads
-    bounds = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    """``Engine.prefill`` with attention per sequence (causal, no mask tensor) on the flash kernel.
+    Calls the class's method: ``bench.gpu_replay --prefill flash`` puts this function in place of the
+    instance's ``prefill``."""
     with _flash_only(engine):
-        return _layers(engine, x, pos, rows, lengths, bounds, g)
+        return Engine.prefill(engine, first_row, lengths, per_sequence=True)
 
 
 def _flash_only(engine: Engine) -> Any:
@@ -62,28 +52,6 @@ def _flash_only(engine: Engine) -> Any:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION])
-
-
-def _layers(
-    engine: Engine, x: Any, pos: Any, rows: Any, lengths: list[int], bounds: list[int], g: int
-) -> list[int]:
-    torch, F, s = engine.torch, engine.F, engine.shape
-    dev = engine.device
-    t = sum(lengths)
-    for i, layer in enumerate(engine.layers):
-        q, k, v = engine._qkv(x, layer, pos)
-        engine.k[i, rows, :, pos] = k
-        engine.v[i, rows, :, pos] = v
-        parts = []
-        for a, b in itertools.pairwise(bounds):
-            qq = q[a:b].transpose(0, 1).unsqueeze(0)
-            kk, vv = (y[a:b].transpose(0, 1).repeat_interleave(g, dim=0).unsqueeze(0) for y in (k, v))
-            parts.append(F.scaled_dot_product_attention(qq, kk, vv, is_causal=True)[0].transpose(0, 1))
-        attn = torch.cat(parts, dim=0)
-        x = engine._mlp(x + attn.reshape(t, s.heads * s.head_dim) @ layer["wo"], layer)
-    last = torch.tensor(lengths, device=dev).cumsum(0) - 1
-    logits = F.rms_norm(x[last], (x.shape[-1],), engine.norm, 1e-6) @ engine.embed.t()
-    return list(logits.argmax(-1).tolist())
 
 
 def _time(engine: Engine, fn: Any, lengths: list[int]) -> float:

@@ -31,6 +31,7 @@ after every load, so a timeout keeps what was measured.
 from __future__ import annotations
 
 import gc
+import itertools
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -212,9 +213,11 @@ class Engine:
             self._decode(b, ctx)
         return list(self.out[:n].tolist())
 
-    def prefill(self, first_row: int, lengths: list[int]) -> list[int]:
+    def prefill(self, first_row: int, lengths: list[int], *, per_sequence: bool = False) -> list[int]:
         """Packed prefill of len(lengths) new sequences into rows first_row, first_row+1, ...;
-        returns each one's first token."""
+        returns each one's first token. Attention: one pass over the pack with a block-diagonal causal
+        mask, or, ``per_sequence``, one causal call per sequence with no mask tensor (TGI's kind;
+        ``bench/gpu_prefill.py`` runs it on the flash kernel)."""
         torch, F, s = self.torch, self.F, self.shape
         dev = self.device
         t = sum(lengths)
@@ -225,19 +228,37 @@ class Engine:
         pos = torch.arange(t, device=dev) - starts[seq]
         rows = seq + first_row
         tokens = torch.randint(0, s.vocab, (t,), device=dev)
-        causal = (seq[:, None] == seq[None, :]) & (pos[None, :] <= pos[:, None])
+        bounds = [0, *itertools.accumulate(lengths)]
+        causal = None if per_sequence else (seq[:, None] == seq[None, :]) & (pos[None, :] <= pos[:, None])
         x = F.embedding(tokens, self.embed)
-        g = s.heads // s.kv_heads
         for i, layer in enumerate(self.layers):
             q, k, v = self._qkv(x, layer, pos)
             self.k[i, rows, :, pos] = k
             self.v[i, rows, :, pos] = v
-            kk, vv = (y.transpose(0, 1).repeat_interleave(g, dim=0) for y in (k, v))
-            attn = F.scaled_dot_product_attention(q.transpose(0, 1), kk, vv, attn_mask=causal)
-            x = self._mlp(x + attn.transpose(0, 1).reshape(t, s.heads * s.head_dim) @ layer["wo"], layer)
+            attn = self._attend(q, k, v, causal, bounds)
+            x = self._mlp(x + attn.reshape(t, s.heads * s.head_dim) @ layer["wo"], layer)
         last = torch.tensor(lengths, device=dev).cumsum(0) - 1
         logits = F.rms_norm(x[last], (x.shape[-1],), self.norm, 1e-6) @ self.embed.t()
         return list(logits.argmax(-1).tolist())
+
+    def _attend(self, q: Any, k: Any, v: Any, causal: Any, bounds: list[int]) -> Any:
+        """Prefill attention over a pack ([tokens, heads, head_dim] each; GQA by repeating K/V): one
+        pass with the block-diagonal ``causal`` mask, or, when it is None, one causal call per
+        sequence (``bounds``: where each starts, then the end)."""
+        F, g = self.F, self.shape.heads // self.shape.kv_heads
+        if causal is not None:
+            kk, vv = (y.transpose(0, 1).repeat_interleave(g, dim=0) for y in (k, v))
+            return F.scaled_dot_product_attention(q.transpose(0, 1), kk, vv, attn_mask=causal).transpose(0, 1)
+        parts = []
+        for a, b in itertools.pairwise(bounds):
+            qq = q[a:b].transpose(0, 1)
+            kk, vv = (y[a:b].transpose(0, 1).repeat_interleave(g, dim=0) for y in (k, v))
+            parts.append(
+                F.scaled_dot_product_attention(qq[None], kk[None], vv[None], is_causal=True)[0].transpose(
+                    0, 1
+                )
+            )
+        return self.torch.cat(parts)
 
     def move_row(self, src: int, dst: int, length: int) -> None:
         self.k[:, dst, :, :length] = self.k[:, src, :, :length]
