@@ -45,7 +45,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +72,6 @@ __all__ = ["LoadTerm", "RouterSpec", "VSweep", "make_router", "run_point", "summ
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 SYSTEMS = (*SWEEP_SYSTEMS[:-1], "echolm-defaults", "echolm")  # the real-time sweep's, + shipped defaults
 MODELS = {SMALL: "qwen2.5-0.5b", LARGE: "qwen2.5-1.5b"}
-ECHOLM_SATURATION_RPS = 36.0  # one worker, 100k examples, BENCHMARKS "Issue 9 update" (measured)
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,7 +253,7 @@ def make_router(  # noqa: C901 - one branch per system, each a few lines
         term = {"echolm-load-blind": LoadTerm(load_lambda=0.0), "echolm-defaults": LoadTerm()}.get(
             system, load_term
         )
-        routing = RoutingSettings(**{**decisions["routing"], **_as_dict(term)})
+        routing = RoutingSettings(**{**decisions["routing"], **asdict(term)})
         by_tier = {b["tier"]: BackendSettings(**b) for b in decisions["backends"]}
         views = [
             BackendView.from_settings(by_tier[r.tier].model_copy(update={"name": r.name})) for r in replicas
@@ -292,15 +291,6 @@ def breaker_of(decisions: Mapping[str, Any]) -> Any:
     return CircuitBreaker(
         failures=int(decisions["circuit_failures"]), reset_s=float(decisions["circuit_reset_s"])
     )
-
-
-def _as_dict(term: LoadTerm) -> dict[str, Any]:
-    return {
-        "load_lambda": term.load_lambda,
-        "load_gamma": term.load_gamma,
-        "load_q0": term.load_q0,
-        "load_signal": term.load_signal,
-    }
 
 
 # ------------------------------------------------------------------------------------------ one point
@@ -366,15 +356,13 @@ def summarize(point: Point, cells: Any) -> dict[str, Any]:
     done = [s.done_s for s in point.served if s.done_s is not None]
     span = max(done) - min(point.sent.values()) if done else math.nan
     counts = Counter("failed" if s.refused else s.tag for s in point.served)
-    small = sum(
-        1 for s in point.served if not s.refused and (s.replica is None or s.replica.startswith(SMALL))
-    )
+    small = sum(1 for s in point.served if not s.refused and _offloaded(s))
     answered = sum(1 for s in point.served if not s.refused)
     bins: dict[int, list[int]] = {}
     for s in point.served:
         b = int(point.sent[s.request_id] // 5)
         bins.setdefault(b, [0, 0])
-        bins[b][0] += int(s.replica is None or (s.replica or "").startswith(SMALL))
+        bins[b][0] += int(_offloaded(s))
         bins[b][1] += 1
     return {
         "system": point.system,
@@ -401,6 +389,12 @@ def summarize(point: Point, cells: Any) -> dict[str, Any]:
     }
 
 
+def _offloaded(s: Served) -> bool:
+    """Answered without the large tier: a cache hit or the small tier (a refused request counts by the
+    replica that refused it last)."""
+    return s.replica is None or s.replica.startswith(SMALL)
+
+
 def _pct(values: np.ndarray, q: float) -> float:
     """A percentile without interpolation, so refused requests (infinite latency) stay infinite."""
     return float(np.percentile(values, q, method="inverted_cdf")) if len(values) else math.nan
@@ -418,7 +412,7 @@ def _task(args: tuple[str, str, float, int, LoadTerm]) -> dict[str, Any]:
         capacity=s["capacity"], load_term=term,
     )  # fmt: skip
     out = summarize(point, s["cells"])
-    out["load_term"] = _as_dict(term)
+    out["load_term"] = asdict(term)
     return out
 
 
@@ -469,13 +463,8 @@ def medians(rows: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str, float], d
         med["refused"] = int(sum(r["refused"] for r in rs))
         med["n"] = int(sum(r["n"] for r in rs))
         med["reps"] = len(rs)
-        med["quality_paper_small_match"] = {
-            k: float(np.median([r["quality_paper_small_match"][k] for r in rs]))
-            for k in ("mean", "ci_low", "ci_high")
-        }
-        med["quality"] = {
-            k: float(np.median([r["quality"][k] for r in rs])) for k in ("mean", "ci_low", "ci_high")
-        }
+        for q in ("quality_paper_small_match", "quality"):
+            med[q] = {k: float(np.median([r[q][k] for r in rs])) for k in ("mean", "ci_low", "ci_high")}
         med["p99_range_s"] = [min(r["p99_s"] for r in rs), max(r["p99_s"] for r in rs)]
         out[key] = med
     return out
@@ -521,11 +510,10 @@ def tune(
     highest mean capacity at the SLO (over both patterns) among those whose quality stays at or above
     ``floor`` (large-only's 0.5 minus 0.02) at every point that meets the SLO."""
     tasks = [
-        (system, pattern, load, 0, term)
+        ("echolm", pattern, load, 0, term)
         for term in grid
         for pattern in ("steady", "bursty")
         for load in sweep.loads
-        for system in ("echolm",)
     ] + [
         (system, pattern, load, 0, LoadTerm())
         for system in ("large-only", "echolm-load-blind")
@@ -536,22 +524,18 @@ def tune(
         tasks, sweep=sweep, decisions=decisions, overheads=overheads, cells=cells, processes=processes
     )
     base = [r for r in rows if r["system"] != "echolm"]
-    slo = 3.0 * next(
-        r["p50_s"]
-        for r in base
-        if r["system"] == "large-only" and r["pattern"] == "steady" and r["load"] == min(sweep.loads)
-    )
+    slo, _loose = slo_of(medians(base), sweep.loads)
     floor = 0.48
     scored: list[dict[str, Any]] = []
     for term in grid:
-        mine = [r for r in rows if r["system"] == "echolm" and r["load_term"] == _as_dict(term)]
+        mine = [r for r in rows if r["system"] == "echolm" and r["load_term"] == asdict(term)]
         med = medians(mine)
         caps = capacity_table(med, slo)
         mean_cap = float(np.mean([c or 0.0 for p in caps.values() for c in p.values()]))
         worst_q = min((r["quality"]["mean"] for r in mine if r["p99_s"] <= slo), default=math.nan)
         scored.append(
             {
-                "term": _as_dict(term),
+                "term": asdict(term),
                 "capacity_mean_rps": mean_cap,
                 "capacities": caps,
                 "worst_quality": worst_q,
@@ -560,7 +544,7 @@ def tune(
     eligible = [s for s in scored if s["worst_quality"] >= floor] or scored
     best = max(eligible, key=lambda s: (s["capacity_mean_rps"], s["worst_quality"]))
     blind_caps = capacity_table(medians([r for r in base if r["system"] == "echolm-load-blind"]), slo)
-    defaults = next((s for s in scored if s["term"] == _as_dict(LoadTerm())), None)
+    defaults = next((s for s in scored if s["term"] == asdict(LoadTerm())), None)
     return {
         "slo_s": slo,
         "quality_floor": floor,
@@ -658,7 +642,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = {
             "what": "bench.fleet.vsweep run",
             **common,
-            "load_term": _as_dict(term),
+            "load_term": asdict(term),
             "load_term_source": str(args.load_term) if args.load_term else "defaults",
             "slo_s": slo,
             "capacity_at_slo_rps": capacity_table(med, slo),
