@@ -166,8 +166,7 @@ def run_fleet(  # noqa: C901 - one event loop: arrivals, probes, steps, bookkeep
         elif rep.sched.batch_size:
             rep.new = []
             rep.busy = True
-            step = rep.service.decode_ms(rep.sched.batch_size, rep.sched.longest()) / 1000.0
-            push(t + step, _STEP, rep.name)
+            push(t + _decode_s(rep), _STEP, rep.name)
         elif rep.sched.waiting:
             raise ValueError(f"job {rep.sched.waiting[0]} can never fit the limits {rep.limits}")
         else:
@@ -214,8 +213,7 @@ def run_fleet(  # noqa: C901 - one event loop: arrivals, probes, steps, bookkeep
                 finish(rep, rep.sched.prefilled(rep.new), t)
                 rep.new = []
                 if rep.sched.batch_size:
-                    step = rep.service.decode_ms(rep.sched.batch_size, rep.sched.longest()) / 1000.0
-                    push(t + step, _STEP, rep.name)
+                    push(t + _decode_s(rep), _STEP, rep.name)
                     continue
             else:  # a decode step ended
                 finish(rep, rep.sched.decoded(), t)
@@ -231,6 +229,11 @@ def run_fleet(  # noqa: C901 - one event loop: arrivals, probes, steps, bookkeep
         )
         for a in arrivals
     ]
+
+
+def _decode_s(rep: Replica) -> float:
+    """Seconds of one decode step of everything ``rep`` runs now."""
+    return rep.service.decode_ms(rep.sched.batch_size, rep.sched.longest()) / 1000.0
 
 
 def least_loaded(view: FleetView, names: Sequence[str]) -> str:
