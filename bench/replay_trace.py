@@ -46,11 +46,17 @@ __all__ = [
     "jobs_at_load",
     "merge_runs",
     "quantiles",
+    "turn_tokens",
 ]
 
 SYSTEM_TOKENS = 60  # system prompt + the examples note, chat-template tokens included
 TEMPLATE_TOKENS = 5  # per chat turn: <|im_start|>role\n ... <|im_end|>\n
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def turn_tokens(text: str) -> int:
+    """Tokens of one chat turn as the emulator counts them (4 characters a token, the turn's template)."""
+    return math.ceil(len(text) / 4) + TEMPLATE_TOKENS
 
 
 def _recorded_examples(records: Path) -> dict[str, int]:
@@ -78,7 +84,7 @@ def build_trace(
     rate = preset.burst_rate_rps
     rows = []
     for i, item in enumerate(bench.phases["burst"]):
-        q = math.ceil(len(item.text) / 4) + TEMPLATE_TOKENS
+        q = turn_tokens(item.text)
         shown = examples.get(item.request_id, recorded[i % len(recorded)])
         prompt = SYSTEM_TOKENS + q + shown * (q + preset.tokens_median + TEMPLATE_TOKENS)
         rows.append(

@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import gzip
 import json
-import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -37,16 +36,11 @@ import numpy as np
 
 from bench.fleet.preset import LARGE, SMALL, TENANT
 from bench.fleet.sweep import SWEEP_SYSTEMS, SweepPreset, tier_services
-from bench.replay_trace import SYSTEM_TOKENS, TEMPLATE_TOKENS
+from bench.replay_trace import SYSTEM_TOKENS, turn_tokens
 
-__all__ = ["build_decisions", "prompt_tokens"]
+__all__ = ["build_decisions"]
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
-
-
-def prompt_tokens(text: str) -> int:
-    """Tokens of one chat turn as the emulator counts them (4 characters a token, the turn's template)."""
-    return math.ceil(len(text) / 4) + TEMPLATE_TOKENS
 
 
 async def build_decisions(sp: SweepPreset, n_requests: int, data_dir: Path) -> dict[str, Any]:
@@ -98,11 +92,11 @@ async def build_decisions(sp: SweepPreset, n_requests: int, data_dir: Path) -> d
         chosen_ids = {e.example_id for e in chosen}
         rows[text] = {
             "group": group_of_text[text],
-            "tokens": SYSTEM_TOKENS + prompt_tokens(text),
+            "tokens": SYSTEM_TOKENS + turn_tokens(text),
             "nearest": float(sims[top[0]]),
             "nearest_group": bench.bank[int(top[0])][1],
             "n_examples": len(chosen),
-            "example_tokens": sum(prompt_tokens(e.request) + prompt_tokens(e.response) for e in chosen),
+            "example_tokens": sum(turn_tokens(e.request) + turn_tokens(e.response) for e in chosen),
             "example_groups": [bench.bank[int(j)][1] for j in top if examples[j].example_id in chosen_ids],
             "estimates": {t: [e.mean, e.width] for t, e in estimates.items()},
             "shown": {t: bool(v) for t, v in shown.items()},

@@ -26,11 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from bench.fleet.decisions import prompt_tokens
 from bench.fleet.preset import LARGE, SMALL
 from bench.fleet.sweep import SweepPreset, sweep_workbench
 from bench.fleet.virtual import Arrival, Dispatch, Replica, Router, run_fleet
-from bench.replay_trace import SYSTEM_TOKENS
+from bench.replay_trace import SYSTEM_TOKENS, turn_tokens
 from devstack.batching import QWEN25_H200_MEASURED, BatchLimits
 
 __all__ = ["check_piece"]
@@ -72,7 +71,7 @@ def check_piece(piece: Path) -> list[dict[str, Any]]:
                 start = r["done_s"] - r["generate_ms"] / 1000.0
                 arrivals.append(Arrival(r["request_id"], start, item.max_new_tokens))
                 route[r["request_id"]] = Dispatch(
-                    r["backend"], SYSTEM_TOKENS + prompt_tokens(item.text), r["tier"]
+                    r["backend"], SYSTEM_TOKENS + turn_tokens(item.text), r["tier"]
                 )
                 recorded[r["request_id"]] = r["generate_ms"] / 1000.0
             names = sorted({d.replica for d in route.values() if d.replica})
