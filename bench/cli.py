@@ -20,7 +20,7 @@ import shlex
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -234,6 +234,16 @@ def cmd_all(args: argparse.Namespace) -> int:
     return 0
 
 
+# Sub-commands with parsers of their own: every argument after the name is theirs.
+PASSTHROUGH: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
+    "fleet-sweep": (
+        cmd_fleet_sweep,
+        "the fleet on a virtual clock: tune | run (python -m bench.fleet.vsweep)",
+    ),
+    "gpu-calibrate": (cmd_gpu_calibrate, "time 1B/3B/8B decoders on a GPU (python -m bench.gpu_calibrate)"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="echolm bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -296,29 +306,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_quality)
 
-    p = sub.add_parser(
-        "fleet-sweep",
-        help="the fleet on a virtual clock: tune | run (python -m bench.fleet.vsweep)",
-        add_help=False,
-    )
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_fleet_sweep)
-
-    p = sub.add_parser(
-        "gpu-calibrate",
-        help="time 1B/3B/8B decoders on a GPU (python -m bench.gpu_calibrate)",
-        add_help=False,
-    )
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_gpu_calibrate)
+    for name, (func, text) in PASSTHROUGH.items():  # listed here; ``main`` hands them their arguments
+        p = sub.add_parser(name, help=text, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=func)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    passthrough = {"fleet-sweep": cmd_fleet_sweep, "gpu-calibrate": cmd_gpu_calibrate}
-    if argv and argv[0] in passthrough:  # their own parsers, --help included
-        return int(passthrough[argv[0]](argparse.Namespace(rest=argv[1:])))
+    if argv and argv[0] in PASSTHROUGH:  # their own parsers, --help included
+        return int(PASSTHROUGH[argv[0]][0](argparse.Namespace(rest=argv[1:])))
     args = build_parser().parse_args(argv)
     args.argv = argv
     return int(args.func(args))
