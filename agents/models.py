@@ -65,7 +65,9 @@ class ModelSync(Service):
 
     async def _run(self) -> None:
         consumer = AIOKafkaConsumer(
-            **kafka_consumer_kwargs(self.res.settings), group_id=None, enable_auto_commit=False
+            **kafka_consumer_kwargs(self.res.settings, background=True),
+            group_id=None,
+            enable_auto_commit=False,
         )
         await consumer.start()
         try:

@@ -108,7 +108,7 @@ class KafkaAnsweredFeed:
             await consumer.stop()
 
     def _consumer_kwargs(self) -> dict[str, Any]:
-        kw = kafka_consumer_kwargs(self.settings)
+        kw = kafka_consumer_kwargs(self.settings, background=True)
         return {**kw, "group_id": None, "enable_auto_commit": False, "auto_offset_reset": "earliest"}
 
     async def _topic_partitions(self, consumer: AIOKafkaConsumer) -> list[TopicPartition]:

@@ -58,11 +58,16 @@ def kafka_client_kwargs(settings: Settings) -> dict[str, Any]:
     return kw
 
 
-def kafka_consumer_kwargs(settings: Settings) -> dict[str, Any]:
-    """``kafka_client_kwargs`` plus the consumer's fetch wait (``kafka.fetch_max_wait_ms``) and, with
+def kafka_consumer_kwargs(settings: Settings, *, background: bool = False) -> dict[str, Any]:
+    """``kafka_client_kwargs`` plus the consumer's fetch wait and, with
     ``kafka.processing_guarantee=exactly_once``, ``read_committed`` (records of aborted transactions,
-    e.g. a reply written by a worker that died before its commit, are never read)."""
-    kw = {**kafka_client_kwargs(settings), "fetch_max_wait_ms": settings.kafka.fetch_max_wait_ms}
+    e.g. a reply written by a worker that died before its commit, are never read).
+
+    The wait is ``kafka.fetch_max_wait_ms`` on the request path (workers' and clients' consumers) and
+    ``kafka.background_fetch_max_wait_ms`` for ``background`` consumers, which no request waits on."""
+    k = settings.kafka
+    wait = k.background_fetch_max_wait_ms if background else k.fetch_max_wait_ms
+    kw = {**kafka_client_kwargs(settings), "fetch_max_wait_ms": wait}
     if settings.kafka.processing_guarantee == "exactly_once":
         kw["isolation_level"] = "read_committed"
     return kw

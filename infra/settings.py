@@ -85,12 +85,21 @@ class KafkaSettings(_Section):
     heartbeat_interval_s: float = Field(0.3, gt=0, description="Consumer heartbeat interval.")
     # Tansu answers a fetch only when this wait expires, so locally it is the latency of every hop;
     # Kafka answers as soon as a record arrives, so there it only bounds idle polling.
-    # 100, not 25: same hop latency inside the pipeline, fewer idle polls (BENCHMARKS.md, A/B).
+    # 25: about 4 ms a hop on Tansu; only the request path's consumers poll this often
+    # (background consumers: background_fetch_max_wait_ms). BENCHMARKS.md, issue 9.
     fetch_max_wait_ms: int = Field(
-        100,
+        25,
         ge=1,
         le=5000,
         description="Longest a consumer fetch waits for records: every hop's latency on Tansu (faust: 1500).",
+    )
+    # The answered feed and model sync are never waited on per request: a long wait
+    # keeps their idle polls (each a broker fetch) rare.
+    background_fetch_max_wait_ms: int = Field(
+        500,
+        ge=1,
+        le=5000,
+        description="Fetch wait of consumers off the request path (answered feed, model sync).",
     )
     commit_interval_s: float = Field(0.2, gt=0, description="How often acked offsets are committed.")
     # Tansu reports wrong end offsets after multi-record batches; 1 keeps lag checks honest locally.
@@ -353,8 +362,9 @@ class WorkerSettings(_Section):
     app_id: str = Field("echolm", description="faust app id = Kafka consumer group.")
     concurrency: int = Field(8, ge=1, le=256, description="Requests one worker generates at once.")
     prepared_hop: Literal["kafka", "inline"] = Field(
-        "kafka",
-        description="inline = prepare hands requests to serve in process (no prepared topic hop).",
+        "inline",
+        description="inline = prepare hands requests to serve in process (no prepared topic hop); "
+        "kafka = through the prepared topic.",
     )
     event_loop: Literal["asyncio", "uvloop"] = Field(
         "asyncio", description="The worker's event loop; uvloop needs the 'uvloop' extra."

@@ -100,7 +100,8 @@ async def worker_pool(
             local_stack,
             log_dir,
             tgi=backends_section(backends),
-            worker={"shutdown_grace_s": 6.0},
+            # the kill test counts records on the prepared topic: the hop between two processes' stages
+            worker={"shutdown_grace_s": 6.0, "prepared_hop": "kafka"},
             replay={"enabled": False},  # replay generates logged requests again: not what is counted here
         )
         try:
@@ -641,7 +642,11 @@ async def test_milvus_down_serves_without_examples_and_recovers(
     try:
         async with owned_backends(backends, tmp_path):
             pipeline = await make_pipeline(
-                local_stack, tmp_path, milvus_uri=milvus.uri, tgi=backends_section(backends)
+                local_stack,
+                tmp_path,
+                milvus_uri=milvus.uri,
+                tgi=backends_section(backends),
+                worker={"prepared_hop": "kafka"},  # the bypass is read from the prepared records
             )
             settings = pipeline.settings
             try:
@@ -763,6 +768,7 @@ async def test_broker_outage_and_restart(local_stack: LocalStack, tmp_path: Path
                 tmp_path,
                 bootstrap_servers=broker.bootstrap_servers,
                 tgi=backends_section(backends),
+                worker={"prepared_hop": "kafka"},  # the outage is checked on both topics' offsets
             )
             settings = pipeline.settings
             try:

@@ -61,7 +61,8 @@ async def test_a_fault_at_every_stage_is_answered_or_dead_lettered_and_the_worke
             local_stack,
             tmp_path,
             tgi=backends_section(backends),
-            worker={"fault_stages": [s for s in STAGES if s != "replay"]},
+            # serve's stages read the prepared topic, whose coordinates the dead letters carry
+            worker={"fault_stages": [s for s in STAGES if s != "replay"], "prepared_hop": "kafka"},
         )
         try:
             (worker,) = await start_workers(pipeline, 1)

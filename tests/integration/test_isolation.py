@@ -63,7 +63,11 @@ async def test_tenants_never_share_examples_under_load(
     ]
     marker = f"NOSTORE{uuid.uuid4().hex[:8]}"
     async with owned_backends(backends, tmp_path):
-        pipeline = await pipeline_factory(workers=0, tgi=backends_section(backends))
+        pipeline = await pipeline_factory(
+            workers=0,
+            tgi=backends_section(backends),
+            worker={"prepared_hop": "kafka"},  # the prepared records are checked for leaks too
+        )
         settings = pipeline.settings
         await start_workers(pipeline, 1)
         sent: dict[str, tuple[str, str]] = {}  # request id -> (tenant, prompt)

@@ -32,7 +32,10 @@ PRIVATE_REPLIES = "unit.replies.alice"
 
 
 def settings(**limits: Any) -> Settings:
-    return load_settings(kafka={"topic_prefix": "unit"}, worker={"metrics_port": 0}, limits=limits)
+    # the prepared topic's hop: the records these tests read are what prepare sends serve
+    return load_settings(
+        kafka={"topic_prefix": "unit"}, worker={"metrics_port": 0, "prepared_hop": "kafka"}, limits=limits
+    )
 
 
 class Prep:

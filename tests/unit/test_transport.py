@@ -29,3 +29,17 @@ def test_other_consumers_get_it_from_the_consumer_kwargs() -> None:
     settings = load_settings(kafka={"fetch_max_wait_ms": 33})
     assert kafka_consumer_kwargs(settings)["fetch_max_wait_ms"] == 33
     assert kafka_consumer_kwargs(settings)["bootstrap_servers"] == settings.kafka.bootstrap_servers
+
+
+def test_background_consumers_poll_less_often_than_the_request_path() -> None:
+    settings = load_settings(kafka={"fetch_max_wait_ms": 33, "background_fetch_max_wait_ms": 700})
+    assert kafka_consumer_kwargs(settings, background=True)["fetch_max_wait_ms"] == 700
+    assert kafka_consumer_kwargs(settings)["fetch_max_wait_ms"] == 33
+
+
+def test_the_answered_feed_is_a_background_consumer() -> None:
+    from infra.answered import KafkaAnsweredFeed
+
+    settings = load_settings(kafka={"fetch_max_wait_ms": 33, "background_fetch_max_wait_ms": 700})
+    feed = KafkaAnsweredFeed(settings, settings.topic("answered"))
+    assert feed._consumer_kwargs()["fetch_max_wait_ms"] == 700
