@@ -34,8 +34,10 @@ async def test_metrics_cover_every_stage(pipeline_factory: PipelineFactory) -> N
     await asyncio.sleep(1.5)  # one gauge tick
     async with httpx.AsyncClient(timeout=10) as http:
         text = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
-    for stage in ("parse", "embed", "retrieve", "select", "kafka_hop", "route", "generate", "emit", "total"):
+    # the default in-process hop: the wait for a serve slot (``handoff``) instead of ``kafka_hop``
+    for stage in ("parse", "embed", "retrieve", "select", "handoff", "route", "generate", "emit", "total"):
         assert f'echolm_stage_seconds_count{{stage="{stage}"}} 1.0' in text, stage
+    assert 'echolm_stage_seconds_count{stage="kafka_hop"} 1.0' not in text  # nothing crossed the topic
     for name in (
         'echolm_requests_total{outcome="ok"} 1.0',
         "echolm_offload_ratio",
