@@ -20,7 +20,18 @@ from .liveness import Liveness
 
 __all__ = ["STAGES", "Metrics", "serve_metrics"]
 
-STAGES = ("parse", "embed", "retrieve", "select", "kafka_hop", "route", "generate", "emit", "total")
+STAGES = (
+    "parse",
+    "embed",
+    "retrieve",
+    "select",
+    "kafka_hop",
+    "handoff",
+    "route",
+    "generate",
+    "emit",
+    "total",
+)
 _FAST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 __all__ = ["plot_stages"]
 
-_PLOT_STAGES = ("embed", "retrieve", "select", "kafka_hop", "route", "emit", "unattributed")
+_PLOT_STAGES = ("embed", "retrieve", "select", "kafka_hop", "handoff", "route", "emit", "unattributed")
 
 
 def plot_stages(results: Sequence[Path], out: Path) -> Path:
