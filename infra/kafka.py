@@ -68,6 +68,6 @@ def kafka_consumer_kwargs(settings: Settings, *, background: bool = False) -> di
     k = settings.kafka
     wait = k.background_fetch_max_wait_ms if background else k.fetch_max_wait_ms
     kw = {**kafka_client_kwargs(settings), "fetch_max_wait_ms": wait}
-    if settings.kafka.processing_guarantee == "exactly_once":
+    if k.processing_guarantee == "exactly_once":
         kw["isolation_level"] = "read_committed"
     return kw

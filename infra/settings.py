@@ -83,7 +83,7 @@ class KafkaSettings(_Section):
         2.0, gt=0, description="Consumer group session timeout (short for Tansu)."
     )
     heartbeat_interval_s: float = Field(0.3, gt=0, description="Consumer heartbeat interval.")
-    # Tansu answers a fetch only when this wait expires, so locally it is the latency of every hop;
+    # Tansu answers a fetch later the longer this wait, so locally it sets every hop's latency;
     # Kafka answers as soon as a record arrives, so there it only bounds idle polling.
     # 25: about 4 ms a hop on Tansu; only the request path's consumers poll this often
     # (background consumers: background_fetch_max_wait_ms). BENCHMARKS.md, issue 9.

@@ -2,9 +2,10 @@
 
 faust hard-codes ``fetch_max_wait_ms=1500`` for its worker consumer. A Kafka broker answers a fetch as
 soon as ``fetch_min_bytes`` (1) have arrived, so on Kafka the wait only bounds idle polling. The local
-Tansu broker answers a fetch only when the wait expires, even when records arrive meanwhile, so there
-the wait *is* the latency of every topic hop (about 0.4 s per hop at faust's 1500 ms; 3.5 ms at 25 ms:
-BENCHMARKS.md, "Kafka hop"). One setting, used by faust workers and by ``EchoClient``.
+Tansu broker answers a fetch later the longer the wait, even when records arrive meanwhile, so there
+the wait sets the latency of every topic hop (about 0.4 s per hop at faust's 1500 ms; 3.5 ms at 25 ms:
+BENCHMARKS.md, "Kafka hop"). The request path's setting, used by faust workers and by ``EchoClient``
+(consumers off the request path use ``kafka.background_fetch_max_wait_ms``).
 """
 
 from __future__ import annotations

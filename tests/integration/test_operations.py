@@ -37,7 +37,7 @@ async def test_metrics_cover_every_stage(pipeline_factory: PipelineFactory) -> N
     # the default in-process hop: the wait for a serve slot (``handoff``) instead of ``kafka_hop``
     for stage in ("parse", "embed", "retrieve", "select", "handoff", "route", "generate", "emit", "total"):
         assert f'echolm_stage_seconds_count{{stage="{stage}"}} 1.0' in text, stage
-    assert 'echolm_stage_seconds_count{stage="kafka_hop"} 1.0' not in text  # nothing crossed the topic
+    assert 'echolm_stage_seconds_count{stage="kafka_hop"}' not in text  # nothing crossed the topic
     for name in (
         'echolm_requests_total{outcome="ok"} 1.0',
         "echolm_offload_ratio",
